@@ -1,0 +1,96 @@
+"""Command line: argument parsing and error reporting only."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
+    try:
+        name, dims = text.split("=", 1)
+        return name, tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,..., got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="schedsearch", description="ML-guided schedule search for TVM kernels")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("workloads", help="list the built-in workloads")
+
+    t = sub.add_parser("tune", help="tune a workload and write a run directory")
+    t.add_argument("workload", help="KernelBench-format .py problem file or .onnx file")
+    t.add_argument("-o", "--output", help="run directory (default runs/<workload>-<strategy>)")
+    t.add_argument("--strategy", default="ansor", help="ansor | rules | llm (default ansor)")
+    t.add_argument("--trials", type=_positive, default=64, help="hardware measurements per task (default 64)")
+    t.add_argument("--target", default="auto", help="auto | llvm | cuda (auto: cuda if a GPU is visible)")
+    t.add_argument("--size", default="default", help="workload size from its SIZES dict, e.g. small")
+    t.add_argument("--input-shape", type=_shape_arg, action="append", default=[],
+                   help="NAME=D0,D1,... for an ONNX input with dynamic dimensions (repeatable)")
+    t.add_argument("--seed", type=int, default=0, help="search seed")
+    t.add_argument("--validation-seeds", type=_positive, default=3, help="seeds per input distribution (default 3)")
+    t.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"schedsearch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nschedsearch: interrupted; everything measured so far is in the run directory's "
+              "database: run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def cmd_workloads(args) -> int:
+    from .workload import builtin_workloads
+
+    import ast
+
+    for path in builtin_workloads():
+        doc = (ast.get_docstring(ast.parse(path.read_text())) or "").strip().splitlines()
+        print(f"{os.path.relpath(path):42} {doc[0] if doc else ''}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from . import target as targets, workload as workloads
+    from .report import summary_table
+    from .rundir import RunDir
+    from .tune import tune_workload
+
+    wl = workloads.load(args.workload, args.size, dict(args.input_shape))
+    target = targets.resolve(args.target)
+    run = RunDir(Path(args.output or f"runs/{wl.name}-{args.strategy}"))
+    print(f"tuning {wl.name} ({wl.size}) with {args.strategy} on {target.kind.name} "
+          f"({targets.facts(target)['name']}), {args.trials} trials per task -> {run.root}", file=sys.stderr)
+    results = tune_workload(wl, target, run, strategy=args.strategy, trials=args.trials, seed=args.seed,
+                            validation_seeds=args.validation_seeds, repeats=args.repeats,
+                            command=["schedsearch", *sys.argv[1:]])
+    print(summary_table(results))
+    if not results["validation"]["passed"]:
+        print(f"schedsearch: error: VALIDATION FAILED for {wl.name}: see {run.results}", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS = {"workloads": cmd_workloads, "tune": cmd_tune}

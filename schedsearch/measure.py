@@ -1,0 +1,67 @@
+"""The builder and runner every strategy measures with.
+
+Stock `LocalBuilder` starts a fresh process pool on every build call, and each fresh worker
+imports `tvm.s_tir.tensor_intrin` (~18 s). `WarmBuilder` keeps one pool alive and builds
+without that import (schedules here never reference tensor intrinsics by name at build time).
+"""
+from __future__ import annotations
+
+import os
+
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.builder.local_builder import _worker_func
+from tvm.ir.utils import derived_object
+from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+from tvm.target import Target
+
+
+def build_kernel(mod, target, _params):
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+@derived_object
+class WarmBuilder(ms.builder.PyBuilder):
+    # Restart the pool now and then: PopenPool workers leak memory over many builds.
+    RECYCLE_AFTER = 2000
+
+    def __init__(self, max_workers: int | None = None, timeout_sec: float = 60.0):
+        super().__init__()
+        self.max_workers = max_workers or max(1, os.cpu_count() or 1)
+        self.timeout_sec = timeout_sec
+        self._pool = None
+        self._built = 0
+
+    def build(self, build_inputs):
+        if self._pool is None or self._built >= self.RECYCLE_AFTER:
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._pool = PopenPoolExecutor(max_workers=self.max_workers, timeout=self.timeout_sec)
+            self._built = 0
+        self._built += len(build_inputs)
+        results = []
+        args = [(build_kernel, None, b.mod, b.target, None) for b in build_inputs]
+        for r in self._pool.map_with_error_catching(lambda a: _worker_func(*a), args):
+            if r.status == StatusKind.COMPLETE:
+                results.append(ms.builder.BuilderResult(r.value, None))
+            elif r.status == StatusKind.TIMEOUT:
+                results.append(ms.builder.BuilderResult(None, f"build timed out after {self.timeout_sec} s"))
+            else:
+                results.append(ms.builder.BuilderResult(None, f"build failed: {r.value}"))
+        return results
+
+
+def make_builder() -> ms.builder.Builder:
+    return WarmBuilder()
+
+
+def make_runner(target: Target) -> ms.runner.Runner:
+    if target.kind.name == "cuda":
+        # 3 timed runs of at least 10 ms each rank candidates well; the final numbers come from
+        # timing.py (CUDA events, L2 flush), not from here.
+        config = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=10)
+        return ms.runner.LocalRunner(timeout_sec=30, evaluator_config=config)
+    config = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=0, enable_cpu_cache_flush=False)
+    return ms.runner.LocalRunner(timeout_sec=30, evaluator_config=config)

@@ -1,0 +1,50 @@
+"""One timing method for TVM and PyTorch alike: warm-up, then `repeats` single calls, each
+after flushing the cache, timed with CUDA events on GPU (perf_counter on CPU); median and spread."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100/H200: 50 MiB)
+CPU_FLUSH_BYTES = 64 << 20
+METHOD = ("median of single calls after a warm-up of 3; cache flushed before each call "
+          "(256 MiB write on GPU, 64 MiB on CPU); CUDA events on GPU, perf_counter on CPU")
+
+
+def time_call(fn: Callable[[], object], device: str, warmup: int = 3, repeats: int = 20) -> dict:
+    is_cuda = device.startswith("cuda")
+    scratch = torch.empty(L2_FLUSH_BYTES if is_cuda else CPU_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    for _ in range(warmup):
+        fn()
+    if is_cuda:
+        torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        scratch.fill_(1)  # evict the inputs from cache: we time the cold-cache call, like a real layer
+        if is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e6)
+    return summarize(samples)
+
+
+def summarize(samples_us: list[float]) -> dict:
+    s = sorted(samples_us)
+    q = statistics.quantiles(s, n=10) if len(s) >= 2 else [s[0]] * 9
+    return {"median_us": statistics.median(s), "min_us": s[0], "p10_us": q[0], "p90_us": q[-1],
+            "mean_us": statistics.fmean(s), "repeats": len(s)}
+
+
+def spread(stats: dict) -> float:
+    """Relative run-to-run spread (p90 - p10) / median: speedups inside it are noise."""
+    return (stats["p90_us"] - stats["p10_us"]) / stats["median_us"]

@@ -1,0 +1,211 @@
+"""Run one search strategy over a workload's tasks with MetaSchedule's machinery; resume from the run dir."""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import tvm
+from tvm.s_tir import meta_schedule as ms
+from tvm.ir.utils import derived_object
+
+from . import measure
+from .errors import UserError
+from .frontend import Task
+from .rundir import RunDir
+
+
+@derived_object
+class TrialLog(ms.measure_callback.PyMeasureCallback):
+    """Appends every measurement to trials.jsonl and draws the progress line."""
+
+    def __init__(self, run: RunDir, task: Task, task_index: int, n_tasks: int, strategy: str,
+                 done: int, budget: int, best_us: float | None):
+        super().__init__()
+        self.run, self.task, self.strategy = run, task, strategy
+        self.label = f"[{task_index + 1}/{n_tasks} {task.name}]"
+        self.done, self.budget, self.best_us, self.errors = done, budget, best_us, 0
+        self.t0 = time.time()
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+        with self.run.trials.open("a") as f:
+            for cand, b, r in zip(measure_candidates, builder_results, runner_results):
+                self.done += 1
+                error = b.error_msg or r.error_msg
+                us = None
+                if not error and r.run_secs:
+                    us = 1e6 * sum(float(s) for s in r.run_secs) / len(r.run_secs)
+                    self.best_us = us if self.best_us is None else min(self.best_us, us)
+                else:
+                    self.errors += 1
+                f.write(json.dumps({
+                    "task": self.task.name, "trial": self.done, "strategy": self.strategy,
+                    "latency_us": us, "best_us": self.best_us,
+                    "error": _short_error(error) if error else None,
+                    "elapsed_s": round(time.time() - self.t0, 3),
+                }) + "\n")
+        progress(self.label, self.done, self.budget, self.best_us, self.errors)
+
+
+def _short_error(msg: str) -> str:
+    lines = [l for l in str(msg).strip().splitlines() if l.strip()]
+    useful = [l for l in lines if "Error" in l or "error" in l]
+    return (useful[-1] if useful else lines[-1] if lines else "error")[:300]
+
+
+def progress(label: str, done: int, total: int, best_us: float | None, errors: int) -> None:
+    width = 24
+    filled = int(width * min(done, total) / max(total, 1))
+    best = f"{best_us:,.1f} us" if best_us is not None else "-"
+    line = f"{label} {'#' * filled}{'.' * (width - filled)} {done}/{total} trials  best {best}  errors {errors}"
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + line + ("\n" if done >= total else ""))
+    else:
+        sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def trials_done(run: RunDir) -> dict[str, list[dict]]:
+    by_task: dict[str, list[dict]] = {}
+    for rec in run.read_trials():
+        by_task.setdefault(rec["task"], []).append(rec)
+    return by_task
+
+
+StrategyFactory = Callable[[Task], "ms.search_strategy.SearchStrategy | str"]
+
+
+def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_name: str,
+           make_strategy: StrategyFactory, trials: int, seed: int = 0) -> dict[str, dict]:
+    """Give each task `trials` hardware measurements in total (earlier runs in `run` count)."""
+    if trials < 1:
+        raise UserError(f"--trials must be at least 1, got {trials}")
+    _log_to_file(run.log)
+    database = ms.database.JSONDatabase(work_dir=str(run.database))
+    builder, runner = measure.make_builder(), measure.make_runner(target)
+    cost_model = ms.cost_model.XGBModel(adaptive_training=True)
+    previous = trials_done(run)
+    for i, task in enumerate(tasks):
+        done = len(previous.get(task.name, []))
+        remaining = trials - done
+        bests = [r["latency_us"] for r in previous.get(task.name, []) if r["latency_us"] is not None]
+        if remaining <= 0:
+            progress(f"[{i + 1}/{len(tasks)} {task.name}]", done, trials, min(bests, default=None), 0)
+            continue
+        log = TrialLog(run, task, i, len(tasks), strategy_name, done, trials, min(bests, default=None))
+        ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
+                             search_strategy=make_strategy(task), task_name=task.name,
+                             num_threads="physical", rand_state=seed + i,
+                             logger=logging.getLogger("schedsearch.ms"))
+        ms.tune_tasks(tasks=[ctx], task_weights=[float(task.weight)], work_dir=str(run.root),
+                      max_trials_global=remaining, max_trials_per_task=remaining,
+                      num_trials_per_iter=min(64, remaining), builder=builder, runner=runner,
+                      database=database, cost_model=cost_model,
+                      measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), log],
+                      task_scheduler="round-robin")
+        if log.done < trials:  # the space ran dry before the budget: say so instead of looping
+            print(f"{log.label} search stopped after {log.done} trials: no new candidates", file=sys.stderr)
+    return trials_done(run)
+
+
+def _log_to_file(path: Path) -> None:
+    """MetaSchedule logs every round to the console; keep that in the run dir instead."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("tvm.s_tir.meta_schedule", "schedsearch.ms"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: str = "ansor", trials: int = 64,
+                  seed: int = 0, validation_seeds: int = 3, repeats: int = 20, command: list[str] | None = None,
+                  strategy_options: dict | None = None) -> dict:
+    """The whole job: tasks -> search -> compile -> validate -> time -> run dir. Returns results.json's data."""
+    from . import frontend, strategies, target as targets
+    from .evaluate import evaluate
+    from .rundir import SCHEMA, write_json
+    from .runtime import CompiledModule
+
+    t0 = time.time()
+    run.create()
+    _check_same_run(run, workload, target, strategy)
+    mod = frontend.import_onnx(frontend.export_onnx(workload, run.onnx))
+    tasks = frontend.extract_tasks(mod, target)
+    factory = strategies.make(strategy, run=run, target=target, seed=seed, **(strategy_options or {}))
+    by_task = search(tasks, target, run, strategy, factory, trials, seed)
+    tuning_s = time.time() - t0
+
+    database = ms.database.JSONDatabase(work_dir=str(run.database))
+    executable = frontend.compile_module(mod, target, database)
+    executable.export_library(str(run.module))
+    module = CompiledModule(executable, targets.torch_device(target))
+    measured = evaluate(workload, module, seeds=validation_seeds, repeats=repeats)
+
+    results = {
+        "schema": SCHEMA,
+        "workload": {"name": workload.name, "path": str(workload.path), "sha256": workload.sha256,
+                     "size": workload.size,
+                     "inputs": [{"name": n, "shape": list(s), "dtype": str(d).replace("torch.", "")}
+                                for n, (s, d) in zip(workload.input_names, workload.input_specs)]},
+        "strategy": strategy, "seed": seed, "trials_per_task": trials,
+        "target": str(target), "device": targets.facts(target), "versions": versions(),
+        "command": command or sys.argv,
+        "tasks": [task_summary(t, by_task.get(t.name, [])) for t in tasks],
+        **measured,
+        "tuning_wall_s": round(tuning_s, 1),
+        "total_wall_s": round(time.time() - t0, 1),
+    }
+    if strategy_options:
+        results["strategy_options"] = {k: v for k, v in strategy_options.items() if k != "client"}
+    write_json(run.results, results)
+    return results
+
+
+def task_summary(task: Task, trials: list[dict]) -> dict:
+    curve, best = [], None
+    for r in trials:
+        if r["latency_us"] is not None and (best is None or r["latency_us"] < best):
+            best = r["latency_us"]
+            curve.append([r["trial"], best])
+    return {"name": task.name, "weight": task.weight, "flops": task.flops, "trials": len(trials),
+            "errors": sum(r["error"] is not None for r in trials), "best_us": best, "curve": curve}
+
+
+def _check_same_run(run: RunDir, workload, target, strategy: str) -> None:
+    """Resuming into a run dir of another workload/target/strategy would mix their databases."""
+    from .rundir import write_json
+
+    key = {"workload_sha256": workload.sha256, "size": workload.size, "target": str(target), "strategy": strategy}
+    if run.config.exists():
+        old = json.loads(run.config.read_text())
+        diff = [k for k in key if old.get(k) != key[k]]
+        if diff:
+            raise UserError(f"{run.root} holds a run with another {', '.join(diff)} "
+                            f"({', '.join(f'{k}={old.get(k)}' for k in diff)}): choose another -o")
+    write_json(run.config, key)
+
+
+def versions() -> dict:
+    import numpy
+    import torch
+    import tvm_ffi
+    import xgboost
+
+    out = {"python": platform.python_version(), "tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__,
+           "torch": torch.__version__, "numpy": numpy.__version__, "xgboost": xgboost.__version__}
+    if torch.cuda.is_available():
+        out["cuda_torch"] = torch.version.cuda
+        out["gpu"] = torch.cuda.get_device_name(0)
+        try:
+            import subprocess
+            out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return out

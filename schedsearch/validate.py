@@ -1,0 +1,113 @@
+"""Check a compiled module against the original program on several seeds and input distributions.
+
+Strict dtype-aware tolerances, NaN/Inf detection, and a check that inputs were not modified:
+the checks the field's loose AI-kernel claims usually skip.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .workload import Workload
+
+TOLERANCES = {torch.float32: 1e-4, torch.float64: 1e-7, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+# name -> transform of a standard-normal tensor. "offset" is the LayerNorm-with-mean-1e3 trap:
+# E[x^2] - E[x]^2 variance formulas cancel catastrophically there.
+DISTRIBUTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "normal": lambda x: x,
+    "uniform": lambda x: torch.special.ndtr(x) * 2 - 1,  # normal -> uniform(-1, 1)
+    "offset": lambda x: x + 1e3,
+    "small": lambda x: x * 1e-3,
+}
+
+
+@dataclass
+class Check:
+    seed: int
+    distribution: str
+    passed: bool
+    max_abs: float
+    max_rel: float
+    tolerance: float
+    problem: str | None = None  # set when a check failed: what exactly
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def make_inputs(workload: Workload, seed: int, distribution: str, device: str) -> list[torch.Tensor]:
+    """Float inputs are drawn here, on the device; other inputs (indices, masks) come from get_inputs."""
+    torch.manual_seed(seed)
+    others = None
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for i, (shape, dtype) in enumerate(workload.input_specs):
+        if dtype.is_floating_point:
+            x = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+            out.append(DISTRIBUTIONS[distribution](x).to(dtype))
+        else:
+            others = others or workload.make_inputs()
+            out.append(others[i].to(device).contiguous())
+    return out
+
+
+def compare(outputs: list[torch.Tensor], refs: list[torch.Tensor]) -> tuple[bool, float, float, float, str | None]:
+    max_abs = max_rel = 0.0
+    tol = 0.0
+    for i, (out, ref) in enumerate(zip(outputs, refs)):
+        if out.shape != ref.shape:
+            return False, float("inf"), float("inf"), tol, f"output {i}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+        tol = TOLERANCES.get(ref.dtype, 0.0)
+        o, r = out.double(), ref.double()
+        bad_nonfinite = (~torch.isfinite(o)) & torch.isfinite(r)
+        if bad_nonfinite.any():
+            return False, float("inf"), float("inf"), tol, f"output {i}: {int(bad_nonfinite.sum())} NaN/Inf values where PyTorch has finite ones"
+        finite = torch.isfinite(r)
+        diff = (o - r).abs()[finite]
+        mag = r.abs()[finite]
+        if diff.numel():
+            max_abs = max(max_abs, float(diff.max()))
+            big = mag > tol
+            if big.any():
+                max_rel = max(max_rel, float((diff[big] / mag[big]).max()))
+            over = diff > tol + tol * mag
+            if over.any():
+                return False, max_abs, max_rel, tol, (f"output {i}: {int(over.sum())} of {diff.numel()} values "
+                                                      f"outside atol=rtol={tol:g}")
+    return True, max_abs, max_rel, tol, None
+
+
+def validate(workload: Workload, run: Callable[[list[torch.Tensor]], list[torch.Tensor]], device: str,
+             seeds: int = 3, distributions: tuple[str, ...] = tuple(DISTRIBUTIONS)) -> list[Check]:
+    """`run` maps input tensors (on `device`) to output tensors: the compiled module under test."""
+    checks = []
+    for seed in range(seeds):
+        for dist in distributions:
+            inputs = make_inputs(workload, seed, dist, device)
+            before = [t.clone() for t in inputs]
+            outputs = [o.detach() for o in run(inputs)]
+            if any(not torch.equal(a, b) for a, b in zip(inputs, before)):
+                checks.append(Check(seed, dist, False, float("nan"), float("nan"), 0.0, "the kernel modified its inputs"))
+                continue
+            refs = workload.reference(before)
+            ok, max_abs, max_rel, tol, problem = compare(outputs, refs)
+            checks.append(Check(seed, dist, ok, max_abs, max_rel, tol, problem))
+    return checks
+
+
+def summary(checks: list[Check]) -> dict:
+    failed = [c for c in checks if not c.passed]
+    return {
+        "passed": not failed,
+        "checks": len(checks),
+        "failed": len(failed),
+        "max_abs": max(c.max_abs for c in checks),
+        "max_rel": max(c.max_rel for c in checks),
+        "tolerance": max(c.tolerance for c in checks),
+        "seeds": sorted({c.seed for c in checks}),
+        "distributions": sorted({c.distribution for c in checks}),
+        "failures": [c.as_dict() for c in failed],
+    }

@@ -1,0 +1,139 @@
+"""Load a workload: a KernelBench-format problem file or an ONNX file.
+
+A KernelBench file defines `Model`, `get_inputs()` and `get_init_inputs()`. Ours may also
+define `SIZES = {"small": {"CONST": value, ...}}`: the loader overrides those module globals
+before calling `get_init_inputs()`/`get_inputs()`, so one file serves CPU tests and real runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import UserError
+
+
+@dataclass
+class Workload:
+    name: str
+    path: Path
+    size: str
+    make_inputs: Callable[[], list[torch.Tensor]]  # fresh example inputs (random, like get_inputs)
+    model: torch.nn.Module | None = None  # None for ONNX files: the reference is onnxruntime
+    onnx_path: Path | None = None
+    input_names: list[str] = field(default_factory=list)
+    input_specs: list[tuple[tuple[int, ...], torch.dtype]] = field(default_factory=list)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def reference(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Outputs of the original program (PyTorch module, or onnxruntime for ONNX files)."""
+        if self.model is not None:
+            with torch.no_grad():
+                out = self.model.to(inputs[0].device)(*inputs)
+            return list(out) if isinstance(out, (tuple, list)) else [out]
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(self.onnx_path), providers=["CPUExecutionProvider"])
+        feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, inputs)}
+        return [torch.from_numpy(o).to(inputs[0].device) for o in sess.run(None, feeds)]
+
+
+def load(path: str | Path, size: str = "default", input_shapes: dict[str, tuple[int, ...]] | None = None) -> Workload:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"workload file not found: {path}")
+    if path.suffix == ".onnx":
+        return _load_onnx(path, input_shapes or {})
+    if path.suffix != ".py":
+        raise UserError(f"{path}: expected a KernelBench .py problem file or an .onnx file")
+    return _load_kernelbench(path, size)
+
+
+def _load_kernelbench(path: Path, size: str) -> Workload:
+    name = f"_schedsearch_workload_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise UserError(f"{path}: raised {type(e).__name__} on import: {e}") from e
+    missing = [n for n in ("Model", "get_inputs", "get_init_inputs") if not hasattr(module, n)]
+    if missing:
+        raise UserError(f"{path}: not a KernelBench problem file: no {', '.join(missing)} defined")
+    if size != "default":
+        sizes = getattr(module, "SIZES", {})
+        if size not in sizes:
+            raise UserError(f"{path}: no size {size!r} (SIZES defines: {', '.join(sizes) or 'none'})")
+        for k, v in sizes[size].items():
+            setattr(module, k, v)
+    try:
+        model = module.Model(*module.get_init_inputs()).eval()
+        inputs = module.get_inputs()
+    except Exception as e:
+        raise UserError(f"{path}: building the model or its inputs failed: {type(e).__name__}: {e}") from e
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise UserError(f"{path}: get_inputs() must return a non-empty list of tensors")
+    first = inputs
+
+    def make_inputs() -> list[torch.Tensor]:
+        nonlocal first
+        if first is not None:  # reuse the tensors built during loading once
+            out, first = first, None
+            return out
+        return module.get_inputs()
+
+    return Workload(path.stem, path, size, make_inputs, model=model,
+                    input_names=[f"input{i}" for i in range(len(inputs))],
+                    input_specs=[(tuple(t.shape), t.dtype) for t in inputs])
+
+
+_ONNX_DTYPES = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16, 11: torch.float64,
+                7: torch.int64, 6: torch.int32, 9: torch.bool}
+
+
+def _load_onnx(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> Workload:
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:
+        raise UserError(f"{path}: not a readable ONNX model: {e}") from e
+    inits = {i.name for i in graph.initializer}
+    specs = []
+    for inp in graph.input:
+        if inp.name in inits:
+            continue
+        t = inp.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if inp.name in input_shapes:
+            dims = list(input_shapes[inp.name])
+        if any(d is None or d <= 0 for d in dims):
+            raise UserError(f"{path}: input {inp.name!r} has a dynamic shape {dims}: "
+                            f"give it with --input-shape {inp.name}=D0,D1,...")
+        if t.elem_type not in _ONNX_DTYPES:
+            raise UserError(f"{path}: input {inp.name!r} has an unsupported ONNX dtype {t.elem_type}")
+        specs.append((inp.name, tuple(dims), _ONNX_DTYPES[t.elem_type]))
+    unknown = set(input_shapes) - {n for n, _, _ in specs}
+    if unknown:
+        raise UserError(f"{path}: --input-shape names unknown inputs: {', '.join(sorted(unknown))}")
+
+    def make_inputs() -> list[torch.Tensor]:
+        return [torch.randn(s).to(d) if d.is_floating_point else torch.randint(0, 2, s, dtype=d)
+                for _, s, d in specs]
+
+    return Workload(path.stem, path, "default", make_inputs, onnx_path=path,
+                    input_names=[n for n, _, _ in specs], input_specs=[(s, d) for _, s, d in specs])
+
+
+def builtin_workloads(root: Path | None = None) -> list[Path]:
+    root = root or Path(__file__).resolve().parent.parent / "workloads"
+    return sorted(root.glob("level*/*.py"))

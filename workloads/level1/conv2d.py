@@ -1,0 +1,31 @@
+"""AlexNet conv1: Conv2d(3, 96, 11, stride 4, padding 2) on 100x3x224x224 (KernelBench level1 problem 50, batch 100 as in its July 2025 revision)."""
+import torch
+import torch.nn as nn
+
+BATCH = 100
+IN_CHANNELS = 3
+OUT_CHANNELS = 96
+HEIGHT = 224
+WIDTH = 224
+KERNEL_SIZE = 11
+STRIDE = 4
+PADDING = 2
+
+SIZES = {"small": {"BATCH": 2, "OUT_CHANNELS": 16, "HEIGHT": 32, "WIDTH": 32}}
+
+
+class Model(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def get_inputs():
+    return [torch.randn(BATCH, IN_CHANNELS, HEIGHT, WIDTH)]
+
+
+def get_init_inputs():
+    return [IN_CHANNELS, OUT_CHANNELS, KERNEL_SIZE, STRIDE, PADDING]
