@@ -3,11 +3,11 @@
 # (TVM's tensor_intrin import costs ~50 s a process there), and packs the run dirs into
 # $OUT/runs.tgz (the device tool returns at most 8 files). Resumable: a second call continues.
 #   bash benchmarks/gpu_tune.sh TRIALS STRATEGY SIZE WORKLOAD.py...
-set -euo pipefail
+set -uo pipefail
 source .devdeps/activate.sh
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
-python3 - "$@" <<'PY' 2> >(grep -v "Warning\|__new__" >&2)
+python3 - "$@" <<'PY' 2>&1 | grep --line-buffered -v "Warning\|__new__" | tee "$OUT/log.txt"
 import os, subprocess, sys, time
 from schedsearch.cli import main
 trials, strategy, size, *workloads = sys.argv[1:]

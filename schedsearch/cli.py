@@ -45,13 +45,44 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="search seed")
     t.add_argument("--validation-seeds", type=_positive, default=3, help="seeds per input distribution (default 3)")
     t.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")
+    add_llm_options(t)
     return p
 
 
+def add_llm_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LLM search (--strategy llm)")
+    g.add_argument("--llm", default="openai", metavar="SPEC",
+                   help="openai (OPENAI_BASE_URL, OPENAI_API_KEY) | replay:TRANSCRIPT.jsonl | files:DIR")
+    g.add_argument("--llm-model", help="model name (default: OPENAI_MODEL, else the endpoint's first model)")
+    g.add_argument("--llm-concurrency", type=_positive, default=8, help="requests in flight at once (default 8)")
+    g.add_argument("--llm-ideas", type=_positive, default=4, help="ideas asked for per round (default 4)")
+    g.add_argument("--llm-programs-per-idea", type=_positive, default=2, help="programs per idea (default 2)")
+    g.add_argument("--llm-temperature", type=float, default=0.8)
+    g.add_argument("--llm-timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    g.add_argument("--llm-price-in", type=float, default=0.0, help="USD per 1M prompt tokens, for the cost column")
+    g.add_argument("--llm-price-out", type=float, default=0.0, help="USD per 1M completion tokens")
+    g.add_argument("--no-wait", action="store_true",
+                   help="with --llm files:DIR, stop after writing requests instead of waiting for answers")
+
+
+def llm_options(args) -> dict:
+    if args.strategy != "llm":
+        return {}
+    return {"llm": args.llm, "llm_model": args.llm_model, "concurrency": args.llm_concurrency,
+            "ideas": args.llm_ideas, "programs_per_idea": args.llm_programs_per_idea,
+            "temperature": args.llm_temperature, "timeout_s": args.llm_timeout,
+            "price_in": args.llm_price_in, "price_out": args.llm_price_out, "wait": not args.no_wait}
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .llm_client import PendingResponses
+
     args = parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except PendingResponses as e:
+        print(f"schedsearch: {e}", file=sys.stderr)
+        return 3
     except UserError as e:
         print(f"schedsearch: error: {e}", file=sys.stderr)
         return 2
@@ -85,7 +116,7 @@ def cmd_tune(args) -> int:
           f"({targets.facts(target)['name']}), {args.trials} trials per task -> {run.root}", file=sys.stderr)
     results = tune_workload(wl, target, run, strategy=args.strategy, trials=args.trials, seed=args.seed,
                             validation_seeds=args.validation_seeds, repeats=args.repeats,
-                            command=["schedsearch", *sys.argv[1:]])
+                            command=["schedsearch", *sys.argv[1:]], strategy_options=llm_options(args))
     print(summary_table(results))
     if not results["validation"]["passed"]:
         print(f"schedsearch: error: VALIDATION FAILED for {wl.name}: see {run.results}", file=sys.stderr)

@@ -49,13 +49,14 @@ def export_onnx(workload: Workload, path: Path) -> Path:
     return path
 
 
-def import_onnx(onnx_path: Path) -> tvm.IRModule:
-    """ONNX -> Relax with weights bound as constants, so the module takes only the inputs."""
+def import_onnx(onnx_path: Path, shapes: dict[str, list[int]] | None = None) -> tvm.IRModule:
+    """ONNX -> Relax with weights bound as constants, so the module takes only the inputs.
+    `shapes` fixes dynamic input dimensions (kernels are tuned for one static shape)."""
     import onnx
 
     model = onnx.load(str(onnx_path))
     try:
-        mod = from_onnx(model, keep_params_in_input=False)
+        mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
     except tvm.error.OpNotImplemented as e:
         raise UserError(f"{onnx_path.name}: {str(e).strip().splitlines()[-1]}") from e
     except Exception as e:

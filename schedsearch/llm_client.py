@@ -274,7 +274,9 @@ def _retry_after_s(header: str | None) -> float:
 
 class ReplayClient(LLMClient):
     """Answers from a transcript. The k-th request with a given prompt hash gets the k-th recorded
-    response for it (errors included), so a run replays exactly; it runs serially to keep that order."""
+    response for it (errors included); it runs serially to keep that order. Prompts quote measured
+    latencies, which move between machines and runs: a prompt whose hash is not in the transcript
+    gets the answer recorded for the same request tag (task, round, idea, variation), if any."""
 
     backend = "replay"
 
@@ -288,8 +290,11 @@ class ReplayClient(LLMClient):
                                "pass --llm-model")
             model = models.pop() if models else None
         self._answers: dict[str, list[dict]] = defaultdict(list)
+        self._by_tag: dict[str, list[dict]] = defaultdict(list)
         for r in records:
             self._answers[r["hash"]].append(r)
+            if r.get("tag"):
+                self._by_tag[r["tag"]].append(r)
         self._used = Counter()
         if transcript and Path(transcript).resolve() == self.source.resolve():
             transcript = None  # never append to the transcript being replayed
@@ -298,8 +303,10 @@ class ReplayClient(LLMClient):
     def _complete_one(self, request: Request) -> Response:
         digest, start = self.prompt_hash(request), time.monotonic()
         with self._lock:
-            answers, k = self._answers.get(digest, []), self._used[digest]
-            self._used[digest] += 1
+            key = digest if digest in self._answers or not request.tag else "tag:" + request.tag
+            answers = self._answers.get(digest) or self._by_tag.get(request.tag, [])
+            k = self._used[key]
+            self._used[key] += 1
         if k >= len(answers):
             more = f" (it has {len(answers)}, this is request {k + 1} with that prompt)" if answers else ""
             raise LLMError(f"replay: transcript {self.source} has no response for this prompt "

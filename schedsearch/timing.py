@@ -6,6 +6,7 @@ import statistics
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
 L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100/H200: 50 MiB)
@@ -16,14 +17,20 @@ METHOD = ("median of single calls after a warm-up of 3; cache flushed before eac
 
 def time_call(fn: Callable[[], object], device: str, warmup: int = 3, repeats: int = 20) -> dict:
     is_cuda = device.startswith("cuda")
-    scratch = torch.empty(L2_FLUSH_BYTES if is_cuda else CPU_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    # On CPU flush with numpy, single-threaded: a parallel torch fill wakes torch's OpenMP team and
+    # the next call then races TVM's pool for 2 cores (medians of 16 ms for a 70 us matmul, seen here).
+    scratch = (torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if is_cuda
+               else np.empty(CPU_FLUSH_BYTES, dtype=np.uint8))
     for _ in range(warmup):
         fn()
     if is_cuda:
         torch.cuda.synchronize()
     samples = []
     for _ in range(repeats):
-        scratch.fill_(1)  # evict the inputs from cache: we time the cold-cache call, like a real layer
+        if is_cuda:  # evict the inputs from cache: we time the cold-cache call, like a real layer
+            scratch.fill_(1)
+        else:
+            scratch.fill(1)
         if is_cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

@@ -97,8 +97,9 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
             progress(f"[{i + 1}/{len(tasks)} {task.name}]", done, trials, min(bests, default=None), 0)
             continue
         log = TrialLog(run, task, i, len(tasks), strategy_name, done, trials, min(bests, default=None))
+        strategy = make_strategy(task)
         ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
-                             search_strategy=make_strategy(task), task_name=task.name,
+                             search_strategy=strategy, task_name=task.name,
                              num_threads="physical", rand_state=seed + i,
                              logger=logging.getLogger("schedsearch.ms"))
         ms.tune_tasks(tasks=[ctx], task_weights=[float(task.weight)], work_dir=str(run.root),
@@ -107,6 +108,8 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
                       database=database, cost_model=cost_model,
                       measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), log],
                       task_scheduler="round-robin")
+        if getattr(strategy, "error", None) is not None:
+            raise strategy.error
         if log.done < trials:  # the space ran dry before the budget: say so instead of looping
             print(f"{log.label} search stopped after {log.done} trials: no new candidates", file=sys.stderr)
     return trials_done(run)
@@ -135,7 +138,7 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
     t0 = time.time()
     run.create()
     _check_same_run(run, workload, target, strategy)
-    mod = frontend.import_onnx(frontend.export_onnx(workload, run.onnx))
+    mod = frontend.import_onnx(frontend.export_onnx(workload, run.onnx), workload.shapes())
     tasks = frontend.extract_tasks(mod, target)
     factory = strategies.make(strategy, run=run, target=target, seed=seed, **(strategy_options or {}))
     by_task = search(tasks, target, run, strategy, factory, trials, seed)
@@ -163,6 +166,8 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
     }
     if strategy_options:
         results["strategy_options"] = {k: v for k, v in strategy_options.items() if k != "client"}
+    if hasattr(factory, "stats"):
+        results["search"] = factory.stats()
     write_json(run.results, results)
     return results
 

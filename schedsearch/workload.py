@@ -33,6 +33,9 @@ class Workload:
     def sha256(self) -> str:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
 
+    def shapes(self) -> dict[str, list[int]]:
+        return {n: list(s) for n, (s, _) in zip(self.input_names, self.input_specs)}
+
     def reference(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Outputs of the original program (PyTorch module, or onnxruntime for ONNX files)."""
         if self.model is not None:
@@ -115,7 +118,11 @@ def _load_onnx(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> Workload
         t = inp.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
         if inp.name in input_shapes:
-            dims = list(input_shapes[inp.name])
+            given = list(input_shapes[inp.name])
+            if len(given) != len(dims) or any(d not in (None, 0, g) for d, g in zip(dims, given)):
+                raise UserError(f"{path}: --input-shape {inp.name}={','.join(map(str, given))} does not fit "
+                                f"the model's shape {['?' if not d else d for d in dims]}")
+            dims = given
         if any(d is None or d <= 0 for d in dims):
             raise UserError(f"{path}: input {inp.name!r} has a dynamic shape {dims}: "
                             f"give it with --input-shape {inp.name}=D0,D1,...")

@@ -1,0 +1,252 @@
+"""The round loop shared by proposal-based strategies (rules, llm):
+
+    propose programs -> check (parse, apply, postprocess, dedupe) -> rank (XGBoost) -> measure -> history
+
+It is a MetaSchedule `PySearchStrategy`, so it runs in the same task scheduler as the Ansor
+baseline with the same builder, runner, database, cost model and trial accounting: a trial is one
+hardware measurement for every strategy.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import tvm
+import tvm_ffi
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+from .. import schedule_lang
+from ..schedule_lang import ScheduleLangError
+
+HISTORY_FOR_PROMPT = 12
+
+
+@dataclass
+class Outcome:
+    """What became of one proposed program."""
+    program: str
+    source: str  # which proposal (e.g. "idea 2, sample 1" or "sketch 0 resampled")
+    status: str  # rejected | duplicate | ranked out | queued -> measured | failed
+    reason: str | None = None
+    predicted: float | None = None
+    latency_us: float | None = None
+
+
+@dataclass
+class TaskView:
+    """Everything a proposer may look at for one round of one task."""
+    name: str
+    script: str  # the task's TIR as TVMScript
+    target: dict  # target facts
+    sketches: list[str]  # MetaSchedule's design-space sketches as programs
+    measured: list[Outcome]  # measured programs, fastest first
+    rejected: list[Outcome]  # recent rejections with reasons
+    round: int
+    want: int  # how many programs the round should produce (before checking)
+    rng: random.Random
+    mod: tvm.IRModule = field(repr=False, default=None)
+
+
+@dataclass
+class Proposal:
+    program: str
+    source: str
+    request: str | None = None  # id of the LLM request that produced it (for the transcript)
+
+
+class Proposer(Protocol):
+    label: str
+
+    def propose(self, view: TaskView) -> list[Proposal]: ...
+
+    def record(self, outcomes: list[Outcome], proposals: list[Proposal]) -> None: ...
+
+
+@derived_object
+class ProposalSearch(ms.search_strategy.PySearchStrategy):
+    def __init__(self, proposer: Proposer, target_facts: dict, explore: float = 0.2, oversample: int = 2,
+                 max_empty_rounds: int = 3, seed: int = 0):
+        super().__init__()
+        self.proposer, self.target_facts = proposer, target_facts
+        self.explore, self.oversample, self.max_empty_rounds = explore, oversample, max_empty_rounds
+        self.seed = seed
+        self.round_times: list[dict] = []
+        # An exception raised in here reaches Python again as a bare RuntimeError through TVM's FFI:
+        # keep the original for the caller (tune.search) and end the task instead.
+        self.error: BaseException | None = None
+
+    def _initialize_with_tune_context(self, context) -> None:
+        self.context = context
+        self.postprocs = list(context.space_generator.postprocs)
+        self.rng = random.Random(self.seed)
+
+    def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database, cost_model):
+        self.max_trials, self.per_iter = max_trials, num_trials_per_iter
+        self.database, self.cost_model = database, cost_model
+        self.trials, self.round = 0, 0
+        self.sketches = [schedule_lang.from_trace(s.trace) for s in design_spaces]
+        self.seen: set[int] = set()
+        self.measured: list[Outcome] = []
+        self.rejected: list[Outcome] = []
+        self.pending: list[tuple[Outcome, Proposal]] = []
+        self._warm_start()
+
+    def _warm_start(self) -> None:
+        """Earlier measurements of this task (a resumed run) seed the history, the dedupe set and the model."""
+        if not self.database.has_workload(self.context.mod):
+            return
+        workload = self.database.commit_workload(self.context.mod)
+        records = self.database.get_top_k(workload, 1 << 20)
+        cands, results = [], []
+        for rec in records:
+            try:
+                cand = rec.as_measure_candidate()
+            except Exception:  # a record of an older TVM that no longer applies
+                continue
+            self.seen.add(tvm_ffi.structural_hash(cand.sch.mod))
+            secs = [float(s) for s in rec.run_secs] if rec.run_secs else None
+            if secs and min(secs) < 1e9:
+                text = schedule_lang.from_trace(rec.trace)
+                self.measured.append(Outcome(text, "database", "measured", latency_us=1e6 * sum(secs) / len(secs)))
+                cands.append(cand)
+                results.append(ms.runner.RunnerResult(run_secs=secs, error_msg=None))
+        if cands:
+            self.cost_model.update(self.context, cands, results)
+        self.measured.sort(key=lambda o: o.latency_us)
+
+    def generate_measure_candidates(self):
+        if self.trials >= self.max_trials:
+            return None
+        want = min(self.per_iter, self.max_trials - self.trials)
+        t0 = time.time()
+        for _ in range(self.max_empty_rounds):
+            self.round += 1
+            view = TaskView(self.context.task_name, self.context.mod.script(), self.target_facts, self.sketches,
+                            self.measured[:HISTORY_FOR_PROMPT], self.rejected[-HISTORY_FOR_PROMPT:], self.round,
+                            want * self.oversample, self.rng, self.context.mod)
+            t_propose = time.time()
+            try:
+                proposals = self.proposer.propose(view)
+            except BaseException as e:
+                self.error = e
+                return None
+            t_check = time.time()
+            outcomes, schedules = self._check(proposals)
+            if schedules:
+                break
+            self.proposer.record(outcomes, proposals)
+        else:
+            return None
+        t_rank = time.time()
+        chosen = self._rank(outcomes, schedules, want)
+        for i in schedules:
+            outcomes[i].status = "queued" if i in chosen else "ranked out"
+        self.pending = [(outcomes[i], proposals[i]) for i in chosen]
+        self.proposer.record(outcomes, proposals)  # measured ones are recorded again with latencies
+        self.round_times.append({"round": self.round, "proposals": len(proposals), "valid": len(schedules),
+                                 "propose_s": t_check - t_propose, "check_s": t_rank - t_check,
+                                 "rank_s": time.time() - t_rank, "total_s": time.time() - t0})
+        return [ms.MeasureCandidate(schedules[i], ms.arg_info.ArgInfo.from_entry_func(schedules[i].mod, True))
+                for i in chosen]
+
+    def _check(self, proposals: list[Proposal]):
+        outcomes, schedules = [], {}
+        round_seen = set()
+        for i, p in enumerate(proposals):
+            out = Outcome(p.program, p.source, "rejected")
+            outcomes.append(out)
+            try:
+                program = schedule_lang.parse(p.program)
+                sch = tvm.s_tir.Schedule(self.context.mod, seed=self.rng.randrange(1, 1 << 30), debug_mask="all")
+                schedule_lang.apply(program, sch)
+                sch.enter_postproc()
+                for post in self.postprocs:
+                    if not post.apply(sch):
+                        raise ScheduleLangError(len(program), f"the program is invalid for this target: "
+                                                              f"post-processor {type(post).__name__} rejected it")
+            except ScheduleLangError as e:
+                out.reason = str(e)
+                self.rejected.append(out)
+                continue
+            except Exception as e:  # TVM internals can raise anything on odd but parseable programs
+                out.reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}"
+                self.rejected.append(out)
+                continue
+            h = tvm_ffi.structural_hash(sch.mod)
+            if h in self.seen or h in round_seen:
+                out.status, out.reason = "duplicate", "same kernel as one already measured or proposed"
+                continue
+            round_seen.add(h)
+            out.status = "unranked"
+            schedules[i] = sch
+        return outcomes, schedules
+
+    def _rank(self, outcomes: list[Outcome], schedules: dict, want: int) -> list[int]:
+        """Top by predicted speed, plus an exploration share drawn at random from the rest."""
+        idx = list(schedules)
+        cands = [ms.MeasureCandidate(schedules[i], ms.arg_info.ArgInfo.from_entry_func(schedules[i].mod, True))
+                 for i in idx]
+        scores = [float(s) for s in self.cost_model.predict(self.context, cands)]
+        for i, s in zip(idx, scores):
+            outcomes[i].predicted = s
+        order = [i for _, i in sorted(zip(scores, idx), key=lambda t: -t[0])]
+        n_explore = min(int(want * self.explore), max(0, len(order) - want))
+        top = order[:want - n_explore]
+        rest = order[want - n_explore:]
+        chosen = top + self.rng.sample(rest, n_explore)
+        for i in chosen:
+            self.seen.add(tvm_ffi.structural_hash(schedules[i].mod))
+        return chosen
+
+    def notify_runner_results(self, measure_candidates, results) -> None:
+        for (out, _), r in zip(self.pending, results):
+            self.trials += 1
+            if r.error_msg is None and r.run_secs:
+                out.status, out.latency_us = "measured", 1e6 * sum(float(s) for s in r.run_secs) / len(r.run_secs)
+                self.measured.append(out)
+            else:
+                out.status, out.reason = "failed", (r.error_msg or "no timing").strip().splitlines()[-1][:300]
+                self.rejected.append(out)
+        self.measured.sort(key=lambda o: o.latency_us)
+        self.proposer.record([o for o, _ in self.pending], [p for _, p in self.pending])
+        self.pending = []
+
+    def post_tuning(self) -> None:
+        pass
+
+    def clone(self):
+        return ProposalSearch(self.proposer, self.target_facts, self.explore, self.oversample,
+                              self.max_empty_rounds, self.seed)
+
+
+def make_proposal_strategy(name: str, target, seed: int = 0, run=None, **options):
+    """-> factory `task -> ProposalSearch`, with `.stats()`: round timings (and LLM usage) for results.json."""
+    from ..target import facts
+
+    target_facts = facts(target)
+    if name == "rules":
+        from .rules import RuleProposer
+        proposer_for = lambda task: RuleProposer(target_facts)
+    else:
+        from .llm import make_llm_proposer
+        proposer_for = make_llm_proposer(run=run, target_facts=target_facts, seed=seed, **options)
+    searches: list[ProposalSearch] = []
+
+    def factory(task):
+        searches.append(ProposalSearch(proposer_for(task), target_facts, seed=seed))
+        return searches[-1]
+
+    def stats() -> dict:
+        rounds = [r for s in searches for r in s.round_times]
+        out = {"proposer": searches[0].proposer.label if searches else name, "rounds": rounds}
+        if rounds:
+            out["mean_round_s_besides_measurement"] = sum(r["total_s"] for r in rounds) / len(rounds)
+        if hasattr(proposer_for, "client"):
+            out["llm"] = proposer_for.client.usage()
+        return out
+
+    factory.stats = stats
+    return factory

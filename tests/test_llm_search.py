@@ -1,0 +1,156 @@
+"""LLM search end to end on LLVM against a scripted OpenAI-compatible server on 127.0.0.1.
+
+The server's answers are programs written from MetaSchedule design spaces plus deliberate
+mistakes and attacks; nothing here is an LLM's output."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import tvm
+
+from conftest import ROOT
+from fake_openai import FakeOpenAI
+from schedsearch import frontend, schedule_lang, target as targets, workload
+from schedsearch.cli import main
+from schedsearch.strategies.rules import redraw
+
+MATMUL = str(ROOT / "workloads/level1/matmul.py")
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory):
+    """Eight distinct valid programs for the small matmul task, and its block name."""
+    from tvm.s_tir import meta_schedule as ms
+
+    wl = workload.load(MATMUL, "small")
+    target = targets.resolve("llvm")
+    mod = frontend.import_onnx(frontend.export_onnx(wl, tmp_path_factory.mktemp("m") / "m.onnx"))
+    [task] = frontend.extract_tasks(mod, target)
+    ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply", task_name="t")
+    sketch = schedule_lang.parse(schedule_lang.from_trace(ctx.generate_design_space()[0].trace))
+    out = set()
+    for seed in range(1, 100):
+        sch = tvm.s_tir.Schedule(task.mod, seed=seed)
+        schedule_lang.apply(redraw(sketch, None), sch)
+        out.add(schedule_lang.from_trace(sch.trace))
+        if len(out) == 8:
+            break
+    return sorted(out)
+
+
+def answer(program: str) -> str:
+    return f"Here is the schedule.\n```python\n{program}\n```\n"
+
+
+def scripted(programs, sentinel: Path):
+    attacks = [
+        answer(f"__import__('os').system('touch {sentinel}')"),
+        answer(programs[0].replace('name="', 'name="no_such_', 1)),  # wrong block name
+        ("status", 429, 0),  # rate limited: retried
+        answer("b0 = sch.get_sblock(name=\"x\", func_name=\"main\")\nsch.make_it_fast(block=b0)"),  # hallucinated
+        ("truncated",),  # broken JSON: retried
+        answer(f"sch.__class__.__init__\nopen('{sentinel}', 'w')"),
+        ("slow", 0.3, answer(programs[1])),
+        "I cannot write code today.",  # no program at all
+    ]
+    queue = [a for pair in zip(attacks, [answer(p) for p in programs]) for a in pair]
+
+    def script(request):
+        prompt = request["messages"][-1]["content"]
+        if "optimisation ideas" in prompt:
+            return "- tile the loops for cache\n- vectorize the inner loop and parallelize the outer"
+        return queue.pop(0) if queue else answer(programs[len(queue) % len(programs)])
+    return script
+
+
+def test_llm_tune_against_a_loopback_server(programs, tmp_path, monkeypatch):
+    sentinel = tmp_path / "pwned"
+    out = tmp_path / "run"
+    with FakeOpenAI(scripted(programs, sentinel)) as srv:
+        monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "test")
+        rc = main(["tune", MATMUL, "--size", "small", "--strategy", "llm", "--llm-model", "fake-model",
+                   "--trials", "6", "-o", str(out), "--target", "llvm", "--llm-ideas", "2",
+                   "--llm-programs-per-idea", "3", "--llm-concurrency", "1", "--validation-seeds", "1",
+                   "--repeats", "3"])
+        assert len(srv.requests) >= 8
+    assert rc == 0
+    assert not sentinel.exists()
+    res = json.loads((out / "results.json").read_text())
+    assert res["validation"]["passed"]
+    [task] = res["tasks"]
+    assert task["trials"] == 6 and task["errors"] == 0  # only valid programs reached the hardware
+    usage = res["search"]["llm"]
+    assert usage["requests"] >= 8 and usage["retries"] >= 2 and usage["prompt_tokens"] > 0
+    assert res["search"]["proposer"] == "llm:fake-model" and res["search"]["rounds"]
+
+    records = [json.loads(l) for l in (out / "transcript.jsonl").read_text().splitlines()]
+    outcomes = [r for r in records if r.get("event") == "outcome"]
+    reasons = " | ".join(str(o["reason"]) for o in outcomes if o["status"] == "rejected")
+    assert "`__import__` is not allowed" in reasons or "__import__" in reasons
+    assert "make_it_fast" in reasons
+    assert "no_such_" in reasons
+    assert sum(o["status"] == "measured" for o in outcomes) == 6
+    responses = [r for r in records if "hash" in r]
+    assert all(r["tag"].startswith(task["name"]) for r in responses)
+
+    # The same search again with no endpoint at all, from the transcript.
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    replayed = tmp_path / "replayed"
+    rc = main(["tune", MATMUL, "--size", "small", "--strategy", "llm", "--llm", f"replay:{out / 'transcript.jsonl'}",
+               "--trials", "6", "-o", str(replayed), "--target", "llvm", "--llm-ideas", "2",
+               "--llm-programs-per-idea", "3", "--validation-seeds", "1", "--repeats", "3"])
+    assert rc == 0
+    assert json.loads((replayed / "results.json").read_text())["tasks"][0]["trials"] == 6
+
+
+def test_replay_miss_is_a_clear_error(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    rc = main(["tune", MATMUL, "--size", "small", "--strategy", "llm", "--llm", f"replay:{empty}",
+               "--trials", "2", "-o", str(tmp_path / "run"), "--target", "llvm"])
+    assert rc == 2
+    assert "has no response for this prompt" in capsys.readouterr().err
+
+
+def test_no_endpoint_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    for var in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_MODEL"):
+        monkeypatch.delenv(var, raising=False)
+    rc = main(["tune", MATMUL, "--size", "small", "--strategy", "llm", "--trials", "2",
+               "-o", str(tmp_path / "run"), "--target", "llvm"])
+    assert rc == 2
+    assert "no LLM endpoint configured" in capsys.readouterr().err
+
+
+def test_files_mode_no_wait_then_resume(programs, tmp_path):
+    """Offline GPU node: requests are written, the run stops; answers arrive; the same command resumes."""
+    box, out = tmp_path / "box", tmp_path / "run"
+    args = ["tune", MATMUL, "--size", "small", "--strategy", "llm", "--llm", f"files:{box}", "--llm-model", "m",
+            "--no-wait", "--trials", "4", "-o", str(out), "--target", "llvm", "--llm-ideas", "1",
+            "--llm-programs-per-idea", "4", "--validation-seeds", "1", "--repeats", "2"]
+    answered = 0
+    for _ in range(8):
+        rc = main(args)
+        if rc == 0:
+            break
+        assert rc == 3
+        for req in sorted(box.glob("*.request.json")):
+            resp = req.with_name(req.name.replace(".request.", ".response."))
+            if resp.exists():
+                continue
+            prompt = json.loads(req.read_text())["request"]["messages"][-1]["content"]
+            text = "- tile for cache" if "optimisation ideas" in prompt else answer(programs[answered % len(programs)])
+            answered += "optimisation ideas" not in prompt
+            resp.write_text(json.dumps({"content": text}))
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["tasks"][0]["trials"] == 4 and res["validation"]["passed"]
+
+
+@pytest.mark.skipif(not os.environ.get("OPENAI_API_KEY") or not (os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_MODEL")),
+                    reason="needs a real endpoint: OPENAI_API_KEY and OPENAI_BASE_URL or OPENAI_MODEL")
+def test_real_endpoint(tmp_path):
+    rc = main(["tune", MATMUL, "--size", "small", "--strategy", "llm", "--trials", "4", "-o", str(tmp_path / "run"),
+               "--target", "llvm", "--llm-ideas", "2", "--llm-programs-per-idea", "2", "--validation-seeds", "1"])
+    assert rc == 0

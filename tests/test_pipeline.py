@@ -1,0 +1,106 @@
+"""The CPU pipeline end to end on LLVM: a real tune, compile, validation and timing, and resume."""
+import json
+import shutil
+
+import pytest
+import torch
+import tvm
+from tvm.s_tir import meta_schedule as ms
+
+from conftest import ROOT
+from schedsearch import frontend, target as targets, workload
+from schedsearch.cli import main
+from schedsearch.evaluate import evaluate
+from schedsearch.rundir import RunDir
+from schedsearch.runtime import CompiledModule
+
+SOFTMAX = str(ROOT / "workloads/level1/softmax.py")
+
+
+@pytest.fixture(scope="module")
+def softmax_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "softmax"
+    rc = main(["tune", SOFTMAX, "--size", "small", "--trials", "4", "-o", str(out), "--target", "llvm",
+               "--validation-seeds", "2", "--repeats", "3"])
+    assert rc == 0
+    return RunDir(out)
+
+
+def test_tune_writes_a_complete_run_dir(softmax_run, capsys):
+    res = softmax_run.read_results()
+    assert res["workload"]["name"] == "softmax" and res["workload"]["size"] == "small"
+    assert res["strategy"] == "ansor" and res["trials_per_task"] == 4
+    assert res["target"].startswith('{"kind":"llvm"')
+    [task] = res["tasks"]
+    assert task["name"] == "softmax" and task["trials"] == 4 and task["best_us"] > 0
+    assert task["curve"][-1][1] == task["best_us"]
+    v = res["validation"]
+    assert v["passed"] and v["checks"] == 2 * 4 and v["distributions"] == ["normal", "offset", "small", "uniform"]
+    assert 0 <= v["max_abs"] < 1e-4
+    assert res["timing"]["tvm"]["median_us"] > 0 and res["timing"]["torch_eager"]["median_us"] > 0
+    assert softmax_run.module.stat().st_size > 0
+    trials = softmax_run.read_trials()
+    assert [t["trial"] for t in trials] == [1, 2, 3, 4]
+    db = ms.database.JSONDatabase(work_dir=str(softmax_run.database))
+    assert len(db) == 4
+
+
+def test_rerun_resumes_from_the_database(softmax_run, tmp_path):
+    run = RunDir(tmp_path / "resumed")
+    shutil.copytree(softmax_run.root, run.root)
+    args = ["tune", SOFTMAX, "--size", "small", "-o", str(run.root), "--target", "llvm",
+            "--validation-seeds", "1", "--repeats", "3"]
+    assert main(args + ["--trials", "4"]) == 0
+    assert len(run.read_trials()) == 4  # budget already spent: nothing new measured
+    assert main(args + ["--trials", "6"]) == 0
+    assert [t["trial"] for t in run.read_trials()] == [1, 2, 3, 4, 5, 6]
+    assert run.read_results()["tasks"][0]["trials"] == 6
+
+
+def test_rerun_into_a_run_of_another_workload_is_refused(softmax_run, tmp_path, capsys):
+    run = tmp_path / "other"
+    shutil.copytree(softmax_run.root, run)
+    rc = main(["tune", str(ROOT / "workloads/level1/matmul.py"), "--size", "small", "--trials", "1", "-o", str(run)])
+    assert rc == 2
+    assert "holds a run with another workload_sha256" in capsys.readouterr().err
+
+
+def test_a_corrupted_record_fails_validation(softmax_run, tmp_path):
+    """A schedule that passes TVM's checks but stores an intermediate in fp16 (an `unsafe_` primitive,
+    which our schedule language refuses) must be caught by validation, not shipped."""
+    wl = workload.load(SOFTMAX, "small")
+    target = targets.resolve("llvm")
+    mod = frontend.import_onnx(softmax_run.onnx)
+    [task] = frontend.extract_tasks(mod, target)
+    db = ms.database.MemoryDatabase()
+    sch = tvm.s_tir.Schedule(task.mod)
+    sch.unsafe_set_dtype(sch.get_sblock("T_softmax_exp"), 0, "float16")
+    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(task.mod), [1e-9], target,
+                                                     ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])))
+    module = CompiledModule(frontend.compile_module(mod, target, db), "cpu")
+    bad = evaluate(wl, module, seeds=1, repeats=2)
+    assert not bad["validation"]["passed"]
+    assert "normwise relative error" in bad["validation"]["failures"][0]["problem"]
+    good = evaluate(wl, CompiledModule(frontend.compile_module(mod, target, None), "cpu"), seeds=1, repeats=2)
+    assert good["validation"]["passed"]
+
+
+def test_onnx_workload_with_input_shape(tmp_path):
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x) * 2
+
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(2, 8),), str(path), dynamo=True, opset_version=18,
+                      input_names=["x"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+    with pytest.raises(Exception, match="dynamic shape.*--input-shape x="):
+        workload.load(path)
+    out = tmp_path / "run"
+    with pytest.raises(Exception, match=r"x=4,16 does not fit the model's shape \['\?', 8\]"):
+        workload.load(path, input_shapes={"x": (4, 16)})
+    rc = main(["tune", str(path), "--input-shape", "x=4,8", "--trials", "2", "-o", str(out), "--target", "llvm",
+               "--validation-seeds", "1", "--repeats", "2"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["workload"]["inputs"] == [{"name": "x", "shape": [4, 8], "dtype": "float32"}]
+    assert res["validation"]["passed"] and "torch_eager" not in res["timing"]
