@@ -17,4 +17,5 @@ class CompiledModule:
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         out = self._main(*[tvm.runtime.from_dlpack(t) for t in inputs])
         outs = list(out) if isinstance(out, (tuple, list, tvm_ffi.Array)) else [out]
+        self._last = outs  # keep TVM's buffers alive at least until the next call
         return [torch.from_dlpack(o) for o in outs]

@@ -53,8 +53,9 @@ class ScheduleLangError(Exception):
 # Left out on purpose: primitives taking callables or index maps (transform_layout,
 # transform_block_layout, reindex_cache_*, annotate_buffer_access), unsafe_*, methods that do
 # not transform the schedule (get, get_sref, copy, show, work_on, seed, remove_rv), and ones
-# no MetaSchedule trace uses that crash the process on some inputs (reorder_block_iter_var
-# on the root block; loop_partition after blockize; sample_partitioned_tile with a 0 factor).
+# no MetaSchedule trace uses that segfault TVM 0.27 on some inputs (merge of a loop with
+# itself, reorder_block_iter_var on the root block, loop_partition after blockize,
+# sample_partitioned_tile with a 0 factor). `_check_arguments` guards the rest we found.
 PRIMITIVES: dict[str, tuple[str | None, str]] = {
     "get_sblock": ("block", "the block with this name"),
     "get_loops": ("loops", "loops above a block, outermost first"),
@@ -64,7 +65,6 @@ PRIMITIVES: dict[str, tuple[str | None, str]] = {
     "get_output_blocks": ("blocks", "blocks under a scope block that write its outputs"),
     "split": ("loops", "split a loop; factors are ints or sampled vars, at most one None"),
     "fuse": ("loop", "fuse consecutive loops into one"),
-    "merge": ("loop", "merge loops of the same extent under different blocks"),
     "reorder": (None, "reorder loops (given outermost first)"),
     "add_unit_loop": ("loop", "add a loop of extent 1 above a block or loop"),
     "parallel": (None, "run a loop in parallel (CPU threads)"),
@@ -84,14 +84,14 @@ PRIMITIVES: dict[str, tuple[str | None, str]] = {
     "decompose_reduction": ("block", "split off the init of a reduction, placed above a loop"),
     "decompose_padding": ("block", "split off the padding of a block, placed above a loop"),
     "rfactor": ("block", "factor a reduction over a loop into a new block"),
-    "blockize": ("block", "turn the subtree under a loop (or a list of blocks) into a block"),
+    "blockize": ("block", "turn the subtree under a loop into a block"),
     "tensorize": (None, "replace a block/loop by a registered tensor intrinsic, by name"),
     "pad_einsum": (None, "pad the iteration domain of an einsum block to multiples"),
     "annotate": (None, "set an annotation (pragma) on a block or loop"),
     "unannotate": (None, "remove an annotation from a block or loop"),
     "sample_perfect_tile": ("vars", "tile sizes whose product is the loop extent; decision=[..] fixes them"),
     "sample_categorical": ("var", "one of candidates; decision=index fixes it"),
-    "sample_compute_location": ("loop", "a loop to compute_at; decision=index fixes it"),
+    "sample_compute_location": ("loop", "a location only for compute_at/reverse_compute_at; decision=index fixes it"),
     "enter_postproc": (None, "marks the start of post-processing; the IR is unchanged"),
 }
 _SIGNATURES = {
@@ -229,6 +229,7 @@ class _Parser:
     def __init__(self, source: str):
         self.source = source
         self.bound: set[str] = set()
+        self.locations: set[str] = set()  # names bound by sample_compute_location
 
     def snippet(self, node: ast.AST) -> str:
         # from the source text: ast.unparse recurses and overflows on deeply nested input
@@ -245,6 +246,7 @@ class _Parser:
             targets, unpack = self.targets(node.targets[0], line)
             stmt = self.call(node.value, line, targets, unpack)
             self.bound.update(targets)  # after the call: `l0 = sch.fuse(l0)` needs l0 bound before
+            _track_locations(stmt, self.locations)
             return stmt
         raise ScheduleLangError(line, f"`{self.snippet(node)}` is not allowed: {_ONLY_CALLS}")
 
@@ -308,7 +310,7 @@ class _Parser:
                 )
             kwargs.append((kw.arg, self.value(kw.value, line, 0, [0])))
         stmt = Statement(line, targets, unpack, name, tuple(args), tuple(kwargs))
-        _check_arguments(stmt)
+        _check_arguments(stmt, self.locations)
         self.check_result_form(name, line, targets, unpack)
         return stmt
 
@@ -368,8 +370,22 @@ class _Parser:
         raise ScheduleLangError(line, f"literal {value!r:.40} is not allowed: {_ARG_RULE}")
 
 
-def _check_arguments(st: Statement) -> None:
-    """Arity, and the argument values that crash or hang TVM instead of raising."""
+def _refs(value):
+    if isinstance(value, Ref):
+        yield value.name
+    elif isinstance(value, (Seq, tuple)):  # tuple: the *loops of fuse/reorder
+        for item in value.items if isinstance(value, Seq) else value:
+            yield from _refs(item)
+
+
+def _track_locations(st: Statement, locations: set[str]) -> None:
+    locations.difference_update(st.targets)
+    if st.primitive == "sample_compute_location":
+        locations.update(st.targets)
+
+
+def _check_arguments(st: Statement, locations: set[str]) -> None:
+    """Arity, and the argument values that crash or hang TVM 0.27 instead of raising."""
     try:
         bound = _SIGNATURES[st.primitive].bind(
             *st.args, **{_python_keyword(st.primitive, k): v for k, v in st.kwargs}
@@ -378,6 +394,30 @@ def _check_arguments(st: Statement) -> None:
         raise ScheduleLangError(
             st.line, f"{st.primitive}: {err}; signature: {_signature_text(st.primitive)}"
         ) from None
+    # A sampled location may be the root or "inline" pseudo-loop: anywhere else it segfaults.
+    for param, value in bound.arguments.items():
+        for name in _refs(value):
+            if name in locations and not (
+                st.primitive in ("compute_at", "reverse_compute_at") and param == "loop"
+            ):
+                raise ScheduleLangError(
+                    st.line, f"{name} is from sample_compute_location: use it only as the loop "
+                    "of compute_at or reverse_compute_at"
+                )
+    # consumer_blocks naming a block that does not read the buffer segfaults
+    if st.primitive in ("cache_read", "cache_write"):
+        consumers = bound.arguments.get("consumer_blocks")
+        allowed = {bound.arguments["block"]} if st.primitive == "cache_read" else set()
+        if consumers is not None and not (
+            isinstance(consumers, Seq) and set(consumers.items) <= allowed
+        ):
+            what = "[block] (the block itself)" if allowed else "[]"
+            raise ScheduleLangError(
+                st.line, f"{st.primitive}: consumer_blocks may only be None or {what}"
+            )
+    # blockize of a list of blocks can leave a corrupt schedule behind when it fails
+    if st.primitive == "blockize" and not isinstance(bound.arguments["target"], Ref):
+        raise ScheduleLangError(st.line, "blockize: target must be a loop")
     if st.primitive != "sample_perfect_tile":
         return
     # TVM 0.27: max_innermost_factor 0 or < -1 loops forever; a 0 in decision is SIGFPE.
@@ -453,10 +493,12 @@ def _resolve(value, env: dict, line: int):
 def apply(program: Program, sch: Schedule) -> None:
     """Run `program` on `sch` in place. On error `sch` keeps the statements before the failing one."""
     env: dict[str, object] = {}
+    locations: set[str] = set()
     for st in program.statements:
         if st.primitive not in PRIMITIVES:  # Programs are made by parse; refuse hand-made ones too
             raise ScheduleLangError(st.line, f"unknown primitive sch.{st.primitive}")
-        _check_arguments(st)
+        _check_arguments(st, locations)
+        _track_locations(st, locations)
         args = [_resolve(a, env, st.line) for a in st.args]
         kwargs = {_python_keyword(st.primitive, k): _resolve(v, env, st.line) for k, v in st.kwargs}
         try:

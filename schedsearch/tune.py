@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import sys
 import time
@@ -178,8 +179,15 @@ def task_summary(task: Task, trials: list[dict]) -> dict:
         if r["latency_us"] is not None and (best is None or r["latency_us"] < best):
             best = r["latency_us"]
             curve.append([r["trial"], best])
-    return {"name": task.name, "weight": task.weight, "flops": task.flops, "trials": len(trials),
-            "errors": sum(r["error"] is not None for r in trials), "best_us": best, "curve": curve}
+    return {"name": task.name, "weight": task.weight, "flops": task.flops, "bytes": param_bytes(task.mod),
+            "trials": len(trials), "errors": sum(r["error"] is not None for r in trials), "best_us": best,
+            "curve": curve}
+
+
+def param_bytes(mod: tvm.IRModule) -> int:
+    """Bytes of the kernel's buffer parameters (inputs and outputs), each moved once: the roofline's memory term."""
+    return sum(math.prod(int(d) for d in a.shape) * ((a.dtype.bits * a.dtype.lanes + 7) // 8)
+               for a in ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
 
 
 def _check_same_run(run: RunDir, workload, target, strategy: str) -> None:

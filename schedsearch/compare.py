@@ -1,0 +1,276 @@
+"""`schedsearch compare`: every strategy x seed on every workload at the same trial budget, each arm in
+its own run dir with its own database, plus PyTorch baselines timed the same way in the same process;
+then the report. `schedsearch report` rebuilds the report from what is stored here, tuning nothing.
+
+    OUT/compare.json                        the experiment: workloads, strategies, seeds, budget, command
+    OUT/<workload>/<strategy>-s<seed>/      one run dir per arm (see rundir.py)
+    OUT/<workload>/<strategy>-s<seed>/reused.json   where --arms-from copied that arm from
+    OUT/<workload>/<strategy>-s<seed>/error.txt     why the arm's last attempt failed (removed on success)
+    OUT/<workload>/baselines.json           PyTorch eager / torch.compile timings, tensor bytes
+    OUT/report.md, OUT/report.html, OUT/plots/*.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+from .errors import UserError
+from .rundir import RunDir, write_json
+
+SCHEMA = 1
+COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune"}
+
+
+def add_commands(sub) -> dict:
+    """Adds `compare` and `report` to the CLI's subparsers; returns {command: handler(args) -> exit code}."""
+    from .cli import _positive, add_llm_options
+
+    c = sub.add_parser("compare", help="tune workloads with several strategies and seeds at equal budgets, "
+                                       "time PyTorch baselines, write a report")
+    c.add_argument("workloads", nargs="+", help="KernelBench-format .py problem files")
+    c.add_argument("-o", "--output", required=True, help="comparison directory")
+    c.add_argument("--strategies", default="ansor,llm", help="comma-separated: ansor, rules, llm (default ansor,llm)")
+    c.add_argument("--trials", type=_positive, default=64, help="hardware measurements per task and arm (default 64)")
+    c.add_argument("--seeds", type=_positive, default=3, help="search seeds per strategy: 0..N-1 (default 3)")
+    c.add_argument("--size", default="default", help="workload size from each file's SIZES dict, e.g. small")
+    c.add_argument("--target", default="auto", help="auto | llvm | cuda")
+    c.add_argument("--validation-seeds", type=_positive, default=3, help="seeds per input distribution (default 3)")
+    c.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")
+    c.add_argument("--arms-from", metavar="DIR", help="copy finished arms of an earlier comparison instead of tuning")
+    c.add_argument("--no-compile-baselines", action="store_true", help="time PyTorch eager only, not torch.compile")
+    _add_peak_options(c)
+    add_llm_options(c)
+
+    r = sub.add_parser("report", help="rebuild report.md and report.html of a comparison from its stored results")
+    r.add_argument("output", help="comparison directory (compare -o)")
+    _add_peak_options(r)
+    return {"compare": cmd_compare, "report": cmd_report}
+
+
+def _add_peak_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--peak-tflops", type=float, help="peak fp32 TFLOP/s for the roofline (default: datasheet table)")
+    p.add_argument("--peak-gbs", type=float, help="peak memory bandwidth in GB/s for the roofline")
+
+
+def cmd_compare(args) -> int:
+    from .cli import llm_options
+    from .llm_client import PendingResponses
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    llm = llm_options(argparse.Namespace(**{**vars(args), "strategy": "llm"})) if "llm" in strategies else {}
+    out = Path(args.output)
+    summary = compare(args.workloads, out, strategies, args.trials, args.seeds, size=args.size, target_name=args.target,
+                      validation_seeds=args.validation_seeds, repeats=args.repeats, llm=llm,
+                      arms_from=Path(args.arms_from) if args.arms_from else None,
+                      compile_baselines=not args.no_compile_baselines,
+                      peaks={"tflops": args.peak_tflops, "gbs": args.peak_gbs},
+                      command=["schedsearch", *sys.argv[1:]])
+    paths = write_report(out)
+    print(f"report: {', '.join(map(str, paths))}", file=sys.stderr)
+    for arm, error in summary["errors"].items():
+        print(f"schedsearch: error: arm {arm} failed: {error.splitlines()[-1]}", file=sys.stderr)
+    for arm in summary["invalid"]:
+        print(f"schedsearch: error: VALIDATION FAILED for arm {arm}", file=sys.stderr)
+    if summary["pending"]:  # files backend: answer the requests, then run compare again to go on
+        first = summary["pending"][0]
+        raise PendingResponses(first.directory, [p for e in summary["pending"] for p in e.paths])
+    return 1 if summary["errors"] or summary["invalid"] else 0
+
+
+def cmd_report(args) -> int:
+    paths = write_report(Path(args.output), {"tflops": args.peak_tflops, "gbs": args.peak_gbs})
+    print("\n".join(map(str, paths)))
+    return 0
+
+
+def arm_name(strategy: str, seed: int) -> str:
+    return f"{strategy}-s{seed}"
+
+
+def compare(workload_paths: list[str], out: Path, strategies: list[str], trials: int, seeds: int, *,
+            size: str = "default", target_name: str = "auto", validation_seeds: int = 3, repeats: int = 20,
+            llm: dict | None = None, arms_from: Path | None = None, compile_baselines: bool = True,
+            peaks: dict | None = None, command: list[str] | None = None) -> dict:
+    """Runs (or resumes) every arm and the baselines. Returns {"errors": {arm: traceback}, "invalid": [arm],
+    "pending": [PendingResponses]}: one arm failing does not stop the others."""
+    from . import strategies as known, target as targets, workload as workloads
+    from .llm_client import PendingResponses
+    from .tune import tune_workload
+
+    unknown = [s for s in strategies if s not in known.NAMES]
+    if unknown or not strategies:
+        raise UserError(f"--strategies: unknown {', '.join(unknown) or '(none given)'}: "
+                        f"choose from {', '.join(known.NAMES)}")
+    if len(set(strategies)) != len(strategies):
+        raise UserError(f"--strategies names a strategy twice: {','.join(strategies)}")
+    if arms_from is not None and not (arms_from / "compare.json").is_file():
+        raise UserError(f"--arms-from {arms_from}: not a comparison directory (no compare.json)")
+    loaded = [workloads.load(p, size) for p in workload_paths]
+    names = [w.name for w in loaded]
+    if len(set(names)) != len(names):
+        raise UserError(f"two workloads share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): "
+                        "their run dirs would collide")
+    target = targets.resolve(target_name)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "compare.json", {
+        "schema": SCHEMA, "command": command or sys.argv, "strategies": strategies, "seeds": list(range(seeds)),
+        "trials_per_task": trials, "size": size, "target": str(target),
+        "workloads": [{"name": w.name, "path": str(w.path)} for w in loaded],
+        "validation_seeds": validation_seeds, "repeats": repeats, "compile_baselines": compile_baselines,
+        "peaks": peaks or {}, "llm": {k: v for k, v in (llm or {}).items() if k != "client"},
+        "arms_from": str(arms_from) if arms_from else None})
+
+    summary = {"errors": {}, "invalid": [], "pending": []}
+    for wl in loaded:
+        baselines = out / wl.name / "baselines.json"
+        if not _same_baselines(baselines, wl, target, compile_baselines):
+            print(f"timing PyTorch baselines for {wl.name}", file=sys.stderr)
+            write_json(baselines, time_baselines(wl, target, repeats, compile_baselines))
+        for strategy in strategies:
+            for seed in range(seeds):
+                label = f"{wl.name}/{arm_name(strategy, seed)}"
+                run = RunDir(out / wl.name / arm_name(strategy, seed))
+                if arms_from is not None and finished(run, wl, target, trials) is None:
+                    _reuse(RunDir(arms_from / wl.name / arm_name(strategy, seed)), run, wl, target, trials)
+                results = finished(run, wl, target, trials)
+                if results is not None:
+                    print(f"{label}: finished earlier, skipped", file=sys.stderr)
+                else:
+                    print(f"{label}: tuning with {strategy}, seed {seed}, {trials} trials per task", file=sys.stderr)
+                    try:
+                        results = tune_workload(wl, target, run, strategy=strategy, trials=trials, seed=seed,
+                                                validation_seeds=validation_seeds, repeats=repeats,
+                                                command=command, strategy_options=llm if strategy == "llm" else None)
+                    except PendingResponses as e:
+                        summary["pending"].append(e)
+                        continue
+                    except UserError:
+                        raise  # configuration the user must fix: every later arm would fail the same way
+                    except Exception:  # a crash in one arm (TVM, a worker) must not cost the others
+                        summary["errors"][label] = traceback.format_exc()
+                        (run.root / "error.txt").write_text(summary["errors"][label])
+                        print(f"{label}: FAILED: {summary['errors'][label].strip().splitlines()[-1]}",
+                              file=sys.stderr)
+                        continue
+                    (run.root / "error.txt").unlink(missing_ok=True)
+                if not results["validation"]["passed"]:
+                    summary["invalid"].append(label)
+    return summary
+
+
+def finished(run: RunDir, workload, target, trials: int) -> dict | None:
+    """The arm's results if it already spent exactly this budget on this workload/size/target, else None."""
+    if not run.results.is_file():
+        return None
+    res = run.read_results()
+    if (res["workload"]["sha256"], res["workload"]["size"], res["target"]) != (workload.sha256, workload.size, str(target)):
+        raise UserError(f"{run.root} holds a run of another workload, size or target: choose another -o")
+    if res["trials_per_task"] > trials:
+        raise UserError(f"{run.root} already spent {res['trials_per_task']} trials per task, more than --trials "
+                        f"{trials}: an unequal budget is no comparison; choose another -o or --trials")
+    return res if res["trials_per_task"] == trials else None
+
+
+def _reuse(source: RunDir, run: RunDir, workload, target, trials: int) -> None:
+    try:
+        usable = finished(source, workload, target, trials) is not None
+    except UserError:  # another workload, target or budget there: tune this arm here instead
+        usable = False
+    if not usable:
+        return
+    if run.root.exists():
+        shutil.rmtree(run.root)
+    shutil.copytree(source.root, run.root)
+    (run.root / "error.txt").unlink(missing_ok=True)
+    if not (run.root / "reused.json").exists():  # keep the first origin when an arm is reused twice
+        write_json(run.root / "reused.json", {"from": str(source.root.resolve())})
+    print(f"{run.root}: copied from {source.root}", file=sys.stderr)
+
+
+def _same_baselines(path: Path, workload, target, compile_baselines: bool) -> bool:
+    if not path.is_file():
+        return False
+    old = json.loads(path.read_text())
+    wanted = {"eager", *(COMPILE_MODES if compile_baselines else ())}
+    return (old["workload"] == {"sha256": workload.sha256, "size": workload.size} and old["target"] == str(target)
+            and wanted <= set(old["baselines"]))
+
+
+def time_baselines(workload, target, repeats: int = 20, compile_baselines: bool = True) -> dict:
+    """PyTorch eager and torch.compile (default, max-autotune) on validation's seed-0 inputs, with the
+    timing method TVM's module gets in evaluate(); also the bytes the workload must move at least once."""
+    import torch
+
+    from . import target as targets, timing, validate
+    from .evaluate import torch_settings
+
+    torch_settings()
+    device = targets.torch_device(target)
+    inputs = validate.make_inputs(workload, 0, "normal", device)
+    refs = workload.reference(inputs)
+    model = workload.model.to(device) if workload.model is not None else None
+    weights = 0 if model is None else sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    out = {"workload": {"sha256": workload.sha256, "size": workload.size}, "target": str(target),
+           "device": targets.facts(target), "method": timing.METHOD,
+           "tf32": {"cuda_matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+           "bytes": {"inputs": nbytes(inputs), "outputs": nbytes(refs), "weights": weights},
+           "baselines": {}}
+    if model is None:
+        out["baselines"]["eager"] = {"failed": "an ONNX workload has no PyTorch program"}
+        return out
+    with torch.no_grad():
+        out["baselines"]["eager"] = timing.time_call(lambda: model(*inputs), device, repeats=repeats)
+    for name, mode in (COMPILE_MODES.items() if compile_baselines else ()):
+        torch._dynamo.reset()  # a module compiled in another mode would be reused from the cache
+        try:
+            compiled = torch.compile(model, mode=mode)
+            with torch.no_grad():
+                got = compiled(*inputs)
+                check = validate.compare(list(got) if isinstance(got, (tuple, list)) else [got], refs)
+                stats = timing.time_call(lambda: compiled(*inputs), device, repeats=repeats)
+            out["baselines"][name] = {**stats, "matches_eager": check.passed, "max_abs_vs_eager": check.max_abs}
+        except Exception as e:  # no C++ compiler, no Triton, an unsupported op: report, don't stop
+            lines = [l for l in str(e).strip().splitlines() if l.strip()]
+            out["baselines"][name] = {"failed": f"{type(e).__name__}: {lines[0][:300] if lines else ''}"}
+    return out
+
+
+def load(out: Path) -> dict:
+    """Everything the report reads, from the comparison directory alone."""
+    path = out / "compare.json"
+    if not path.is_file():
+        raise UserError(f"{out}: not a comparison directory (no compare.json): run `schedsearch compare -o {out}` first")
+    exp = json.loads(path.read_text())
+    if exp.get("schema") != SCHEMA:
+        raise UserError(f"{path}: schema {exp.get('schema')}, this schedsearch reads {SCHEMA}")
+    workloads = []
+    for w in exp["workloads"]:
+        arms = []
+        for strategy in exp["strategies"]:
+            for seed in exp["seeds"]:
+                run = RunDir(out / w["name"] / arm_name(strategy, seed))
+                read = lambda name: (run.root / name).read_text() if (run.root / name).is_file() else None
+                reused = read("reused.json")
+                arms.append({"strategy": strategy, "seed": seed, "dir": str(run.root.relative_to(out)),
+                             "results": run.read_results() if run.results.is_file() else None,
+                             "trials": run.read_trials(), "error": read("error.txt"),
+                             "reused_from": json.loads(reused)["from"] if reused else None})
+        baselines = out / w["name"] / "baselines.json"
+        workloads.append({**w, "arms": arms,
+                          "baselines": json.loads(baselines.read_text()) if baselines.is_file() else None})
+    return {"experiment": exp, "workloads": workloads}
+
+
+def write_report(out: Path, peaks: dict | None = None) -> list[Path]:
+    """report.md (+ plots/) and a self-contained report.html; `peaks` overrides those stored by compare."""
+    from .report import write_comparison_report
+
+    data = load(out)
+    given = {k: v for k, v in (peaks or {}).items() if v is not None}
+    data["experiment"]["peaks"] = {**data["experiment"].get("peaks", {}), **given}
+    return write_comparison_report(data, out)

@@ -1,0 +1,406 @@
+"""Package a compiled module as a self-describing directory, and load one as a checked torch callable.
+
+    <dist>/module.so        the compiled Relax module (export_library)
+    <dist>/manifest.json    inputs, outputs, target and arch, versions, provenance, validation
+    <dist>/database/        the MetaSchedule database the module was built from
+    <dist>/<workload file>  a copy of the program it computes: `run --check` compares against it
+
+Only the standard library is imported at module level: the CLI imports this file for its parsers.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+from .rundir import RunDir, write_json
+
+MANIFEST_SCHEMA = 1
+MODULE, MANIFEST, DATABASE = "module.so", "manifest.json", "database"
+
+
+# ---------------------------------------------------------------- packaging
+
+def export_run(run_dir: str | Path, dist_dir: str | Path) -> dict:
+    """A finished run directory -> dist dir. Returns the manifest."""
+    run = RunDir(Path(run_dir))
+    for path, why in ((run.results, "tune writes it at the end"), (run.module, "the compiled module")):
+        if not path.is_file():
+            raise UserError(f"{run.root} is not a finished run directory: no {path.name} ({why})")
+    try:
+        res = run.read_results()
+    except (ValueError, KeyError) as e:
+        raise UserError(str(e)) from e
+    wl = res["workload"]
+    source = _checked_source(Path(wl["path"]), wl["sha256"], f"the workload recorded in {run.results}")
+    inputs = wl["inputs"]
+    onnx = source if source.suffix == ".onnx" else run.onnx
+    device = res["device"]
+    dist = _prepare(Path(dist_dir))
+    manifest = {
+        "schema": MANIFEST_SCHEMA, "made_by": "export",
+        "inputs": inputs, "outputs": _output_specs(onnx, {i["name"]: i["shape"] for i in inputs}),
+        "target": res["target"], "target_kind": device["kind"], "arch": _arch(device),
+        "device": device, "versions": res["versions"],
+        "workload": _copy_workload(source, wl["sha256"], wl["size"], wl["name"], dist),
+        "strategy": res["strategy"], "trials_per_task": res["trials_per_task"],
+        "tasks": [{k: v for k, v in t.items() if k != "curve"} for t in res["tasks"]],
+        "validation": res["validation"], "timing": res["timing"],
+        "source": {"run_dir": str(run.root.resolve()), "command": res.get("command")},
+    }
+    shutil.copytree(run.database, dist / DATABASE)
+    shutil.copyfile(run.module, dist / MODULE)
+    write_json(dist / MANIFEST, manifest)  # last: a dist dir without a manifest is unfinished
+    return manifest
+
+
+def build(workload_path: str | Path, schedules: str | Path | None, dist_dir: str | Path, size: str = "default",
+          target=None, input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
+    """Compile a workload with the records in `schedules` (a database dir or a run dir; None: no records),
+    TVM's defaults for tasks without one; no search. `target`: a tvm Target (default: this machine's).
+    A CUDA target builds without a GPU (cross-compilation). Returns the manifest."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from . import frontend, target as targets, workload as workloads
+    from .tune import versions
+
+    wl = workloads.load(workload_path, size, input_shapes)
+    target = target if target is not None else targets.resolve("auto")
+    database_src = _database_dir(Path(schedules)) if schedules is not None else None
+    dist = _prepare(Path(dist_dir))
+    # Build from the copy: what the dist holds is exactly what the module was built from.
+    if database_src is not None:
+        shutil.copytree(database_src, dist / DATABASE)
+    database = ms.database.JSONDatabase(work_dir=str(dist / DATABASE))
+    with tempfile.TemporaryDirectory() as tmp:  # the .onnx only lives until its weights are bound
+        mod = frontend.import_onnx(frontend.export_onnx(wl, Path(tmp) / "model.onnx"), wl.shapes())
+    fallback = "dlight default schedule" if targets.is_gpu(target) else "untuned (TVM default lowering)"
+    tasks = [_task_entry(database, t, target, fallback) for t in frontend.extract_tasks(mod, target)]
+    frontend.compile_module(mod, target, database).export_library(str(dist / MODULE))
+    device = (targets.facts(target) if not targets.is_gpu(target) or targets.cuda_visible()
+              else {"kind": "cuda", "arch": str(target.arch), "name": "none at build time (cross-compiled)"})
+    run_config = Path(schedules) / "run.json" if schedules is not None else None
+    manifest = {
+        "schema": MANIFEST_SCHEMA, "made_by": "build",
+        "inputs": [{"name": n, "shape": list(s), "dtype": _dtype_name(d)}
+                   for n, (s, d) in zip(wl.input_names, wl.input_specs)],
+        "outputs": _ret_specs(mod),
+        "target": str(target), "target_kind": device["kind"], "arch": _arch(device),
+        "device": device, "versions": versions(),
+        "workload": _copy_workload(wl.path, wl.sha256, wl.size, wl.name, dist),
+        "strategy": (json.loads(run_config.read_text()).get("strategy")
+                     if run_config is not None and run_config.is_file() else None),
+        "trials_per_task": None,
+        "tasks": tasks,
+        "validation": None, "timing": None,  # `schedsearch run DIST --check` measures both
+        "source": {"schedules": str(Path(schedules).resolve()) if schedules is not None else None,
+                   "command": sys.argv},
+    }
+    write_json(dist / MANIFEST, manifest)
+    return manifest
+
+
+def _prepare(dist: Path) -> Path:
+    """An empty dist dir, or one we made before (replaced); never someone's folder of other things."""
+    if dist.exists() and not dist.is_dir():
+        raise UserError(f"{dist} exists and is not a directory")
+    if dist.is_dir() and any(dist.iterdir()):
+        if not (dist / MANIFEST).is_file():
+            raise UserError(f"{dist} is not empty and holds no {MANIFEST}: choose another -o")
+        (dist / MANIFEST).unlink()
+        shutil.rmtree(dist / DATABASE, ignore_errors=True)  # merging records of two builds would lie
+    dist.mkdir(parents=True, exist_ok=True)
+    return dist
+
+
+def _checked_source(path: Path, sha256: str, what: str) -> Path:
+    import hashlib
+
+    if not path.is_file():
+        raise UserError(f"{what} is missing: {path}")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+        raise UserError(f"{what}, {path}, changed since it was compiled (sha256 differs): "
+                        "the module would be checked against another program")
+    return path
+
+
+def _copy_workload(path: Path, sha256: str, size: str, name: str, dist: Path) -> dict:
+    files = [path]
+    if path.suffix == ".onnx":  # its weights may live in files beside it
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        files += sorted({path.parent / e.value for t in model.graph.initializer
+                         for e in t.external_data if e.key == "location"})
+    for f in files:
+        shutil.copyfile(f, dist / f.name)
+    return {"name": name, "size": size, "path": str(path.resolve()), "file": path.name, "sha256": sha256}
+
+
+def _database_dir(schedules: Path) -> Path:
+    for d in (schedules / "database", schedules):
+        if (d / "database_workload.json").is_file() and (d / "database_tuning_record.json").is_file():
+            return d
+    raise UserError(f"{schedules}: no MetaSchedule database (database_workload.json and "
+                    "database_tuning_record.json, in it or in its database/ folder)")
+
+
+def _task_entry(database, task, target, fallback: str) -> dict:
+    record = database.query_tuning_record(task.mod, target, task.name)
+    records = (len(database.get_top_k(database.commit_workload(task.mod), 1 << 30))
+               if database.has_workload(task.mod) else 0)
+    best_us = (1e6 * sum(float(s) for s in record.run_secs) / len(record.run_secs)
+               if record is not None and record.run_secs else None)
+    return {"name": task.name, "weight": task.weight, "flops": task.flops,
+            "schedule": "tuned (database record)" if record is not None else fallback,
+            "records": records, "best_us": best_us}
+
+
+def _output_specs(onnx_path: Path, shapes: dict[str, list[int]]) -> list[dict]:
+    from . import frontend
+
+    return _ret_specs(frontend.import_onnx(onnx_path, shapes))
+
+
+def _ret_specs(mod) -> list[dict]:
+    ret = mod["main"].ret_ty
+    fields = list(ret.fields) if hasattr(ret, "fields") else [ret]
+    return [{"shape": [int(v) for v in f.shape.values], "dtype": str(f.dtype)} for f in fields]
+
+
+def _arch(device: dict) -> str:
+    return device["arch"] if device["kind"] == "cuda" else device["machine"]
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------- loading
+
+def read_manifest(root: str | Path) -> dict:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such directory")
+    if not (root / MANIFEST).is_file():
+        raise UserError(f"{root} is not an exported module: no {MANIFEST} "
+                        f"(make one with `schedsearch export RUN_DIR -o {root}` or `schedsearch build`)")
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{root / MANIFEST}: not valid JSON ({e})") from e
+    if manifest.get("schema") != MANIFEST_SCHEMA:
+        raise UserError(f"{root / MANIFEST}: schema {manifest.get('schema')}, this schedsearch reads {MANIFEST_SCHEMA}")
+    if not (root / MODULE).is_file():
+        raise UserError(f"{root}: {MODULE} is missing")
+    return manifest
+
+
+def arch_problem(arch: str, compute_version: str) -> str | None:
+    """Why a cubin for `arch` (sm_90a) cannot run on a GPU of `compute_version` ("9.0"), or None.
+    TVM emits one cubin (nvrtc): it runs on the same major version with an equal or newer minor,
+    and the arch-specific "a" variants only on exactly their own version."""
+    m = re.fullmatch(r"sm_(\d+)(a?)", arch)
+    if m is None:
+        return None  # a spelling we don't know: let the driver decide
+    need = divmod(int(m[1]), 10)
+    have = tuple(int(x) for x in compute_version.split("."))
+    need_text = f"{need[0]}.{need[1]}"
+    if have < need:
+        return f"compiled for {arch} (compute capability {need_text}) but this GPU is older ({compute_version})"
+    if m[2] and have != need:
+        return (f"compiled for {arch}, whose arch-specific code runs only on compute capability {need_text}, "
+                f"but this GPU has {compute_version}")
+    if have[0] != need[0]:
+        return f"compiled for {arch}, which runs only on compute capability {need[0]}.x, but this GPU has {compute_version}"
+    return None
+
+
+def _check_device(root: Path, manifest: dict) -> None:
+    arch = manifest["arch"]
+    if manifest["target_kind"] != "cuda":
+        if arch != platform.machine():
+            raise UserError(f"{root} was compiled for {arch} CPUs, this machine is {platform.machine()}")
+        return
+    from . import target as targets
+
+    if not targets.cuda_visible():
+        raise UserError(f"{root} was compiled for CUDA ({arch}, {manifest['device'].get('name')}), "
+                        "but no CUDA GPU is visible on this machine")
+    import tvm
+
+    problem = arch_problem(arch, tvm.cuda(0).compute_version)
+    if problem:
+        wl = manifest["workload"]
+        raise UserError(f"{root}: {problem} ({tvm.cuda(0).device_name}); rebuild it for this GPU: schedsearch build "
+                        f"{root / wl['file']} --size {wl['size']} --schedules {root / DATABASE} --target cuda -o DIR")
+
+
+class ExportedModule:
+    """A dist dir as a function: torch tensors in, a tensor (one output) or a tuple (several) out.
+    Every call checks the inputs against the manifest. Contiguous tensors on the module's device
+    are passed by DLPack, without copies; a non-contiguous one is refused, not silently copied."""
+
+    def __init__(self, root: Path, manifest: dict):
+        import tvm
+
+        from .runtime import CompiledModule
+
+        self.root, self.manifest = root, manifest
+        self.device = "cuda:0" if manifest["target_kind"] == "cuda" else "cpu"
+        try:
+            lib = tvm.runtime.load_module(str(root / MODULE))
+        except Exception as e:
+            lines = str(e).strip().splitlines()
+            raise UserError(f"{root / MODULE} does not load with TVM {tvm.__version__} (built with "
+                            f"{manifest['versions'].get('tvm')}): {lines[-1] if lines else type(e).__name__}") from e
+        self.compiled = CompiledModule(lib, self.device)
+
+    def __call__(self, *inputs):
+        self.check_inputs(inputs)
+        outs = self.compiled(*[x.detach() for x in inputs])  # detach: a view, DLPack refuses grad tensors
+        return outs[0] if len(self.manifest["outputs"]) == 1 else tuple(outs)
+
+    def check_inputs(self, inputs) -> None:
+        import torch
+
+        specs = self.manifest["inputs"]
+        if len(inputs) != len(specs):
+            raise UserError(f"{self.root.name}: expected {len(specs)} input{'s' * (len(specs) != 1)} "
+                            f"({', '.join(s['name'] for s in specs)}), got {len(inputs)}")
+        for i, (x, spec) in enumerate(zip(inputs, specs)):
+            want = f"{tuple(spec['shape'])} {spec['dtype']} on {self.device}"
+            if not isinstance(x, torch.Tensor):
+                raise UserError(f"input {i} ({spec['name']}): expected a torch.Tensor of shape {want}, "
+                                f"got {type(x).__name__}")
+            if (tuple(x.shape) != tuple(spec["shape"]) or _dtype_name(x.dtype) != spec["dtype"]
+                    or x.device != torch.device(self.device)):
+                raise UserError(f"input {i} ({spec['name']}): expected shape {want}, "
+                                f"got {tuple(x.shape)} {_dtype_name(x.dtype)} on {x.device}")
+            if not x.is_contiguous():
+                raise UserError(f"input {i} ({spec['name']}): not contiguous (strides {x.stride()}); the module "
+                                "reads the caller's memory in place: pass x.contiguous()")
+
+    def __repr__(self) -> str:
+        io = lambda specs: ", ".join(f"{tuple(s['shape'])} {s['dtype']}" for s in specs)
+        return f"<schedsearch module {self.root} on {self.device}: ({io(self.manifest['inputs'])}) -> " \
+               f"({io(self.manifest['outputs'])})>"
+
+
+def load(path: str | Path) -> ExportedModule:
+    root = Path(path)
+    manifest = read_manifest(root)
+    _check_device(root, manifest)
+    return ExportedModule(root, manifest)
+
+
+# ---------------------------------------------------------------- checking
+
+def check(path: str | Path, seeds: int = 3, repeats: int = 20) -> dict:
+    """Validate a dist dir against its copy of the workload (several seeds and distributions)
+    and time it against PyTorch eager: evaluate.evaluate's dict."""
+    from .evaluate import evaluate
+
+    module, workload = _load_with_workload(path)
+    return evaluate(workload, module.compiled, seeds=seeds, repeats=repeats)
+
+
+def time_only(path: str | Path, repeats: int = 20) -> dict:
+    """Time a dist dir and PyTorch eager on the workload's inputs, without validating."""
+    from . import timing, validate
+
+    module, workload = _load_with_workload(path)
+    inputs = validate.make_inputs(workload, 0, "normal", module.device)
+    out = {"tvm": timing.time_call(lambda: module(*inputs), module.device, repeats=repeats)}
+    if workload.model is not None:
+        import torch
+
+        model = workload.model.to(module.device)
+        with torch.no_grad():
+            out["torch_eager"] = timing.time_call(lambda: model(*inputs), module.device, repeats=repeats)
+    return out
+
+
+def _load_with_workload(path: str | Path):
+    from . import workload as workloads
+
+    module = load(path)
+    wl, inputs = module.manifest["workload"], module.manifest["inputs"]
+    source = _checked_source(module.root / wl["file"], wl["sha256"], f"the workload copy in {module.root}")
+    return module, workloads.load(source, wl["size"], {i["name"]: tuple(i["shape"]) for i in inputs})
+
+
+# ---------------------------------------------------------------- command line
+
+def add_commands(sub) -> dict:
+    """Adds export, build and run to an argparse subparsers object; returns {command: handler}."""
+    from .cli import _positive, _shape_arg
+
+    e = sub.add_parser("export", help="package a tuned run directory as a loadable module")
+    e.add_argument("run_dir", help="run directory written by `schedsearch tune`")
+    e.add_argument("-o", "--output", help="dist directory (default dist/<run dir name>)")
+
+    b = sub.add_parser("build", help="compile a workload from a tuning database, without search")
+    b.add_argument("workload", help="KernelBench-format .py problem file or .onnx file")
+    b.add_argument("--schedules", required=True, metavar="DIR", help="a run directory or a MetaSchedule database")
+    b.add_argument("-o", "--output", help="dist directory (default dist/<workload>)")
+    b.add_argument("--size", default="default", help="workload size from its SIZES dict, e.g. small")
+    b.add_argument("--target", default="auto", help="auto | llvm | cuda (auto: cuda if a GPU is visible)")
+    b.add_argument("--input-shape", type=_shape_arg, action="append", default=[],
+                   help="NAME=D0,D1,... for an ONNX input with dynamic dimensions (repeatable)")
+
+    r = sub.add_parser("run", help="time an exported module against PyTorch eager; --check validates it too")
+    r.add_argument("dist", help="dist directory written by export or build")
+    r.add_argument("--check", action="store_true", help="validate against the PyTorch reference first")
+    r.add_argument("--seeds", type=_positive, default=3, help="seeds per input distribution (default 3)")
+    r.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")
+    return {"export": cmd_export, "build": cmd_build, "run": cmd_run}
+
+
+def cmd_export(args) -> int:
+    out = Path(args.output or f"dist/{Path(args.run_dir).resolve().name}")
+    manifest = export_run(args.run_dir, out)
+    v = manifest["validation"]
+    print(f"exported {manifest['workload']['name']} ({manifest['target_kind']}, {manifest['arch']}) -> {out}; "
+          f"validation at tuning time: {'passed' if v['passed'] else 'FAILED'}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from . import target as targets
+    from .report import table
+
+    out = Path(args.output or f"dist/{Path(args.workload).stem}")
+    manifest = build(args.workload, args.schedules, out, args.size, targets.resolve(args.target),
+                     dict(args.input_shape))
+    print(table(["task", "weight", "schedule"], [[t["name"], t["weight"], t["schedule"]] for t in manifest["tasks"]]))
+    print(f"built {manifest['workload']['name']} ({manifest['target_kind']}, {manifest['arch']}) -> {out}; "
+          f"not validated yet: schedsearch run {out} --check")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .report import fmt_us
+
+    if args.check:
+        measured = check(args.dist, seeds=args.seeds, repeats=args.repeats)
+        v, tm = measured["validation"], measured["timing"]
+        verdict = "PASSED" if v["passed"] else f"FAILED ({v['failed']} of {v['checks']} checks)"
+        print(f"validation: {verdict}: {v['checks']} checks (seeds {v['seeds']}, {', '.join(v['distributions'])}), "
+              f"max abs {v['max_abs']:.2e}, max rel {v['max_rel']:.2e}, normwise {v['rel_l2']:.2e}, "
+              f"tolerance {v['tolerance']:g}")
+        for f in v["failures"]:
+            print(f"  seed {f['seed']} {f['distribution']}: {f['problem']}")
+    else:
+        v, tm = None, time_only(args.dist, repeats=args.repeats)
+    line = f"TVM median {fmt_us(tm['tvm']['median_us'])}"
+    if "torch_eager" in tm:
+        eager = tm["torch_eager"]["median_us"]
+        line += f", PyTorch eager {fmt_us(eager)}, speedup {eager / tm['tvm']['median_us']:.2f}x"
+    print(line)
+    return 0 if v is None or v["passed"] else 1
