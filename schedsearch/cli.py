@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import export
 from .errors import UserError
 
 
@@ -46,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--validation-seeds", type=_positive, default=3, help="seeds per input distribution (default 3)")
     t.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")
     add_llm_options(t)
+    COMMANDS.update(export.add_commands(sub))
     return p
 
 

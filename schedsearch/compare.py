@@ -115,6 +115,10 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
         raise UserError(f"two workloads share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): "
                         "their run dirs would collide")
     target = targets.resolve(target_name)
+    for wl in loaded:  # refuse a mismatched directory before writing anything into it
+        for strategy in strategies:
+            for seed in range(seeds):
+                finished(RunDir(out / wl.name / arm_name(strategy, seed)), wl, target, trials)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "compare.json", {
         "schema": SCHEMA, "command": command or sys.argv, "strategies": strategies, "seeds": list(range(seeds)),
@@ -129,6 +133,7 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
         baselines = out / wl.name / "baselines.json"
         if not _same_baselines(baselines, wl, target, compile_baselines):
             print(f"timing PyTorch baselines for {wl.name}", file=sys.stderr)
+            baselines.parent.mkdir(parents=True, exist_ok=True)
             write_json(baselines, time_baselines(wl, target, repeats, compile_baselines))
         for strategy in strategies:
             for seed in range(seeds):
@@ -152,6 +157,7 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
                         raise  # configuration the user must fix: every later arm would fail the same way
                     except Exception:  # a crash in one arm (TVM, a worker) must not cost the others
                         summary["errors"][label] = traceback.format_exc()
+                        run.create()
                         (run.root / "error.txt").write_text(summary["errors"][label])
                         print(f"{label}: FAILED: {summary['errors'][label].strip().splitlines()[-1]}",
                               file=sys.stderr)

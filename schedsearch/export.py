@@ -9,6 +9,8 @@ Only the standard library is imported at module level: the CLI imports this file
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import platform
 import re
@@ -27,7 +29,7 @@ MODULE, MANIFEST, DATABASE = "module.so", "manifest.json", "database"
 # ---------------------------------------------------------------- packaging
 
 def export_run(run_dir: str | Path, dist_dir: str | Path) -> dict:
-    """A finished run directory -> dist dir. Returns the manifest."""
+    """A finished, validated run directory -> dist dir. Returns the manifest."""
     run = RunDir(Path(run_dir))
     for path, why in ((run.results, "tune writes it at the end"), (run.module, "the compiled module")):
         if not path.is_file():
@@ -36,26 +38,29 @@ def export_run(run_dir: str | Path, dist_dir: str | Path) -> dict:
         res = run.read_results()
     except (ValueError, KeyError) as e:
         raise UserError(str(e)) from e
+    if not res["validation"]["passed"]:
+        raise UserError(f"{run.root}: the module FAILED validation when it was tuned ({res['validation']['failed']} "
+                        f"of {res['validation']['checks']} checks): it computes something else, not exporting it")
     wl = res["workload"]
     source = _checked_source(Path(wl["path"]), wl["sha256"], f"the workload recorded in {run.results}")
     inputs = wl["inputs"]
-    onnx = source if source.suffix == ".onnx" else run.onnx
+    outputs = _output_specs(source if source.suffix == ".onnx" else run.onnx, {i["name"]: i["shape"] for i in inputs})
     device = res["device"]
-    dist = _prepare(Path(dist_dir))
-    manifest = {
-        "schema": MANIFEST_SCHEMA, "made_by": "export",
-        "inputs": inputs, "outputs": _output_specs(onnx, {i["name"]: i["shape"] for i in inputs}),
-        "target": res["target"], "target_kind": device["kind"], "arch": _arch(device),
-        "device": device, "versions": res["versions"],
-        "workload": _copy_workload(source, wl["sha256"], wl["size"], wl["name"], dist),
-        "strategy": res["strategy"], "trials_per_task": res["trials_per_task"],
-        "tasks": [{k: v for k, v in t.items() if k != "curve"} for t in res["tasks"]],
-        "validation": res["validation"], "timing": res["timing"],
-        "source": {"run_dir": str(run.root.resolve()), "command": res.get("command")},
-    }
-    shutil.copytree(run.database, dist / DATABASE)
-    shutil.copyfile(run.module, dist / MODULE)
-    write_json(dist / MANIFEST, manifest)  # last: a dist dir without a manifest is unfinished
+    with _staged(Path(dist_dir)) as dist:
+        shutil.copytree(run.database, dist / DATABASE)
+        shutil.copyfile(run.module, dist / MODULE)
+        manifest = {
+            "schema": MANIFEST_SCHEMA, "made_by": "export", "inputs": inputs, "outputs": outputs,
+            "target": res["target"], "target_kind": device["kind"], "arch": _arch(device),
+            "device": device, "versions": res["versions"],
+            "workload": {**_copy_workload(source, wl["sha256"], wl["size"], wl["name"], dist),
+                         "weights_sha256": wl.get("weights_sha256")},  # None where tune did not record it
+            "strategy": res["strategy"], "trials_per_task": res["trials_per_task"],
+            "tasks": [{k: v for k, v in t.items() if k != "curve"} for t in res["tasks"]],
+            "validation": res["validation"], "timing": res["timing"],
+            "source": {"run_dir": str(run.root.resolve()), "command": res.get("command")},
+        }
+        write_json(dist / MANIFEST, manifest)
     return manifest
 
 
@@ -72,55 +77,61 @@ def build(workload_path: str | Path, schedules: str | Path | None, dist_dir: str
     wl = workloads.load(workload_path, size, input_shapes)
     target = target if target is not None else targets.resolve("auto")
     database_src = _database_dir(Path(schedules)) if schedules is not None else None
-    dist = _prepare(Path(dist_dir))
-    # Build from the copy: what the dist holds is exactly what the module was built from.
-    if database_src is not None:
-        shutil.copytree(database_src, dist / DATABASE)
-    database = ms.database.JSONDatabase(work_dir=str(dist / DATABASE))
     with tempfile.TemporaryDirectory() as tmp:  # the .onnx only lives until its weights are bound
         mod = frontend.import_onnx(frontend.export_onnx(wl, Path(tmp) / "model.onnx"), wl.shapes())
     fallback = "dlight default schedule" if targets.is_gpu(target) else "untuned (TVM default lowering)"
-    tasks = [_task_entry(database, t, target, fallback) for t in frontend.extract_tasks(mod, target)]
-    frontend.compile_module(mod, target, database).export_library(str(dist / MODULE))
     device = (targets.facts(target) if not targets.is_gpu(target) or targets.cuda_visible()
               else {"kind": "cuda", "arch": str(target.arch), "name": "none at build time (cross-compiled)"})
     run_config = Path(schedules) / "run.json" if schedules is not None else None
-    manifest = {
-        "schema": MANIFEST_SCHEMA, "made_by": "build",
-        "inputs": [{"name": n, "shape": list(s), "dtype": _dtype_name(d)}
-                   for n, (s, d) in zip(wl.input_names, wl.input_specs)],
-        "outputs": _ret_specs(mod),
-        "target": str(target), "target_kind": device["kind"], "arch": _arch(device),
-        "device": device, "versions": versions(),
-        "workload": _copy_workload(wl.path, wl.sha256, wl.size, wl.name, dist),
-        "strategy": (json.loads(run_config.read_text()).get("strategy")
-                     if run_config is not None and run_config.is_file() else None),
-        "trials_per_task": None,
-        "tasks": tasks,
-        "validation": None, "timing": None,  # `schedsearch run DIST --check` measures both
-        "source": {"schedules": str(Path(schedules).resolve()) if schedules is not None else None,
-                   "command": sys.argv},
-    }
-    write_json(dist / MANIFEST, manifest)
+    with _staged(Path(dist_dir)) as dist:
+        # Build from the copy: what the dist holds is exactly what the module was built from.
+        if database_src is not None:
+            shutil.copytree(database_src, dist / DATABASE)
+        else:
+            (dist / DATABASE).mkdir()
+        database = ms.database.JSONDatabase(work_dir=str(dist / DATABASE))
+        tasks = [_task_entry(database, t, target, fallback) for t in frontend.extract_tasks(mod, target)]
+        frontend.compile_module(mod, target, database).export_library(str(dist / MODULE))
+        manifest = {
+            "schema": MANIFEST_SCHEMA, "made_by": "build",
+            "inputs": [{"name": n, "shape": list(s), "dtype": _dtype_name(d)}
+                       for n, (s, d) in zip(wl.input_names, wl.input_specs)],
+            "outputs": _ret_specs(mod),
+            "target": str(target), "target_kind": device["kind"], "arch": _arch(device),
+            "device": device, "versions": versions(),
+            "workload": {**_copy_workload(wl.path, wl.sha256, wl.size, wl.name, dist),
+                         "weights_sha256": wl.weights_sha256},
+            "strategy": (json.loads(run_config.read_text()).get("strategy")
+                         if run_config is not None and run_config.is_file() else None),
+            "trials_per_task": None,
+            "tasks": tasks,
+            "validation": None, "timing": None,  # `schedsearch run DIST --check` measures both
+            "source": {"schedules": str(Path(schedules).resolve()) if schedules is not None else None,
+                       "command": sys.argv},
+        }
+        write_json(dist / MANIFEST, manifest)
     return manifest
 
 
-def _prepare(dist: Path) -> Path:
-    """An empty dist dir, or one we made before (replaced); never someone's folder of other things."""
+@contextlib.contextmanager
+def _staged(dist: Path):
+    """Write into a sibling folder, then swap it in: a failure never leaves half a dist dir, and an
+    earlier dist dir is replaced whole (never merged). Someone's folder of other things is refused."""
     if dist.exists() and not dist.is_dir():
         raise UserError(f"{dist} exists and is not a directory")
-    if dist.is_dir() and any(dist.iterdir()):
-        if not (dist / MANIFEST).is_file():
-            raise UserError(f"{dist} is not empty and holds no {MANIFEST}: choose another -o")
-        (dist / MANIFEST).unlink()
-        shutil.rmtree(dist / DATABASE, ignore_errors=True)  # merging records of two builds would lie
-    dist.mkdir(parents=True, exist_ok=True)
-    return dist
+    if dist.is_dir() and any(dist.iterdir()) and not (dist / MANIFEST).is_file():
+        raise UserError(f"{dist} is not empty and holds no {MANIFEST}: choose another -o")
+    dist.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dist.name}.", dir=dist.parent))
+    try:
+        yield stage
+        shutil.rmtree(dist, ignore_errors=True)
+        stage.rename(dist)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _checked_source(path: Path, sha256: str, what: str) -> Path:
-    import hashlib
-
     if not path.is_file():
         raise UserError(f"{what} is missing: {path}")
     if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
@@ -130,15 +141,15 @@ def _checked_source(path: Path, sha256: str, what: str) -> Path:
 
 
 def _copy_workload(path: Path, sha256: str, size: str, name: str, dist: Path) -> dict:
-    files = [path]
-    if path.suffix == ".onnx":  # its weights may live in files beside it
+    files = [path.name]
+    if path.suffix == ".onnx":  # its weights may live in files beside it, named relative to it
         import onnx
 
         model = onnx.load(str(path), load_external_data=False)
-        files += sorted({path.parent / e.value for t in model.graph.initializer
-                         for e in t.external_data if e.key == "location"})
-    for f in files:
-        shutil.copyfile(f, dist / f.name)
+        files += sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+    for file in files:
+        (dist / file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path.parent / file, dist / file)
     return {"name": name, "size": size, "path": str(path.resolve()), "file": path.name, "sha256": sha256}
 
 
@@ -332,7 +343,16 @@ def _load_with_workload(path: str | Path):
     module = load(path)
     wl, inputs = module.manifest["workload"], module.manifest["inputs"]
     source = _checked_source(module.root / wl["file"], wl["sha256"], f"the workload copy in {module.root}")
-    return module, workloads.load(source, wl["size"], {i["name"]: tuple(i["shape"]) for i in inputs})
+    workload = workloads.load(source, wl["size"], {i["name"]: tuple(i["shape"]) for i in inputs})
+    compiled, now = wl.get("weights_sha256"), workload.weights_sha256
+    if compiled is not None and compiled != now:
+        raise UserError(f"{source} builds a model with other weights than the ones compiled into {module.root} "
+                        "(drawn at random with another seed or torch version?): checking against it would "
+                        "compare two different programs")
+    if compiled is None and workload.model is not None and len(workload.model.state_dict()):
+        print(f"schedsearch: warning: {module.root}'s manifest has no weights fingerprint: if validation fails, "
+              "the reference model may have drawn other random weights than the compiled ones", file=sys.stderr)
+    return module, workload
 
 
 # ---------------------------------------------------------------- command line

@@ -57,26 +57,49 @@ def make_builder() -> ms.builder.Builder:
     return WarmBuilder()
 
 
-# A candidate whose first call takes longer than this is recorded with that one call instead of
-# `number` more: it cannot be a contender (tuned level-1 kernels run in 0.1-5 ms on an H100/H200).
-SLOW_CANDIDATE_S = 0.05
+# Hopeless candidates: after one call, a kernel already CAP_FACTOR times slower than the fastest
+# of the task so far is recorded with that one call instead of a full measurement, so seconds go
+# to contenders. A capped kernel is slower than one measured before it, so it can never be the
+# task's best. The runner works in its own process: the task's best reaches it through a small
+# file (BEST_FILE_ENV), and it remembers the fastest first call it saw since that file changed.
+# Full measurements have REPEAT samples, capped ones one: that is how the caller tells them apart.
+BEST_FILE_ENV = "SCHEDSEARCH_BEST_S_FILE"
+CAP_FACTOR = float(os.environ.get("SCHEDSEARCH_CAP_FACTOR", 10))
+MIN_CAP_S = float(os.environ.get("SCHEDSEARCH_MIN_CAP_S", 1e-3))  # below this a full measurement is cheap
+REPEAT = 2
+_fastest = {"best_file": None, "first_s": float("inf")}
 
 
 def run_evaluator_capped(rt_mod, device, evaluator_config, repeated_args):
     from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
 
+    try:
+        with open(os.environ[BEST_FILE_ENV]) as f:
+            best_file = f.read()
+    except (KeyError, OSError):
+        best_file = ""
+    if best_file != _fastest["best_file"]:  # a new task, or a new best
+        _fastest.update(best_file=best_file, first_s=float(best_file or "inf"))
     once = rt_mod.time_evaluator(rt_mod.entry_name, device, number=1, repeat=1)
     first = float(once(*repeated_args[0]).mean)
-    if first > SLOW_CANDIDATE_S:
+    cap = max(CAP_FACTOR * _fastest["first_s"], MIN_CAP_S)
+    _fastest["first_s"] = min(_fastest["first_s"], first)
+    if first > cap:
         return [first]
     return run_evaluator_common(rt_mod, device, evaluator_config, repeated_args)
 
 
-def make_runner(target: Target) -> ms.runner.Runner:
+def is_capped(run_secs) -> bool:
+    return len(run_secs) == 1
+
+
+def make_runner(target: Target, best_file: str) -> ms.runner.Runner:
+    """`best_file`: where the caller keeps the current task's best latency in seconds (see above)."""
+    os.environ[BEST_FILE_ENV] = best_file  # inherited by the runner's worker process
     if target.kind.name == "cuda":
-        # 3 timed runs of at least 10 ms each rank candidates well; the final numbers come from
+        # 2 x 2 timed runs of at least 10 ms each rank candidates well; the final numbers come from
         # timing.py (CUDA events, L2 flush), not from here.
-        config = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=10)
+        config = ms.runner.EvaluatorConfig(number=2, repeat=REPEAT, min_repeat_ms=10)
         return ms.runner.LocalRunner(timeout_sec=10, evaluator_config=config, f_run_evaluator=run_evaluator_capped)
-    config = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=0, enable_cpu_cache_flush=False)
+    config = ms.runner.EvaluatorConfig(number=2, repeat=REPEAT, min_repeat_ms=0, enable_cpu_cache_flush=False)
     return ms.runner.LocalRunner(timeout_sec=30, evaluator_config=config, f_run_evaluator=run_evaluator_capped)

@@ -1,6 +1,17 @@
 """Results -> tables people can read."""
 from __future__ import annotations
 
+import base64
+import html
+import io
+import math
+import re
+import shlex
+import statistics
+from pathlib import Path
+
+from . import timing
+
 
 def fmt_us(us: float | None) -> str:
     if us is None:
@@ -32,3 +43,539 @@ def summary_table(results: dict) -> str:
                  f"max abs {v['max_abs']:.2e}, max rel {v['max_rel']:.2e}, tolerance {v['tolerance']:g}")
     lines.append(f"device: {results['device']['name']}; tuning {results['tuning_wall_s']:.0f} s")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The comparison report (`schedsearch compare` / `report`): data from compare.load(), nothing else.
+
+# Datasheet peaks, dense fp32 without tensor cores, and memory bandwidth: (pattern on the device name,
+# label, TFLOP/s, GB/s). Not measured here: the report says so. First match wins.
+PEAKS = [
+    (r"\bH100\b.*\bNVL\b", "NVIDIA H100 NVL", 60.0, 3900.0),
+    (r"\bH100\b.*\bPCIe\b", "NVIDIA H100 PCIe", 51.0, 2000.0),
+    (r"\bH100\b", "NVIDIA H100 SXM", 67.0, 3350.0),
+    (r"\bH200\b", "NVIDIA H200", 67.0, 4800.0),
+    (r"\bA100\b.*\bPCIe\b.*80GB|\bA100 80GB PCIe\b", "NVIDIA A100 80GB PCIe", 19.5, 1935.0),
+    (r"\bA100\b.*80GB", "NVIDIA A100 80GB SXM", 19.5, 2039.0),
+    (r"\bA100\b", "NVIDIA A100 40GB", 19.5, 1555.0),
+    (r"\bL40S\b", "NVIDIA L40S", 91.6, 864.0),
+    (r"\bL4\b", "NVIDIA L4", 30.3, 300.0),
+    (r"\bA10\b", "NVIDIA A10", 31.2, 600.0),
+    (r"RTX 4090", "NVIDIA GeForce RTX 4090", 82.6, 1008.0),
+    (r"RTX 3090", "NVIDIA GeForce RTX 3090", 35.6, 936.0),
+    (r"\bV100\b", "NVIDIA V100 SXM2", 15.7, 900.0),
+    (r"\bT4\b", "NVIDIA T4", 8.1, 320.0),
+]
+
+BASELINES = {"eager": "PyTorch eager", "compile": "torch.compile", "compile-max-autotune": "torch.compile max-autotune"}
+COLORS = {"ansor": "#1f77b4", "llm": "#d62728", "rules": "#2ca02c"}
+ALL_TASKS = "all tasks"
+
+
+def peak_for(device_name: str, tflops: float | None = None, gbs: float | None = None) -> dict | None:
+    """{"tflops", "gbs", "source"} from the datasheet table and/or the user's figures; None if neither."""
+    _, label, sheet_tflops, sheet_gbs = next((r for r in PEAKS if re.search(r[0], device_name, re.IGNORECASE)),
+                                             (None, None, None, None))
+    given = [f"--peak-{k} {v:g}" for k, v in (("tflops", tflops), ("gbs", gbs)) if v is not None]
+    if label is None and not given:
+        return None
+    sources = [f"datasheet values for {label}" if label and len(given) < 2 else "",
+               f"given on the command line ({', '.join(given)})" if given else ""]
+    return {"tflops": tflops if tflops is not None else sheet_tflops,
+            "gbs": gbs if gbs is not None else sheet_gbs, "source": "; ".join(filter(None, sources))}
+
+
+def roofline_us(flops: float | None, nbytes: float | None, peak: dict | None) -> float | None:
+    """Lower bound on the time: the compute term or the memory term (each byte moved once), whichever is larger."""
+    if peak is None:
+        return None
+    terms = [flops / (peak["tflops"] * 1e12) if flops and peak["tflops"] else None,
+             nbytes / (peak["gbs"] * 1e9) if nbytes and peak["gbs"] else None]
+    terms = [t for t in terms if t is not None]
+    return 1e6 * max(terms) if terms else None
+
+
+def task_curve(trials: list[dict], task: str) -> list[float | None]:
+    """Best latency so far after each of the task's trials (None until one ran)."""
+    ys, best = [], None
+    for r in trials:
+        if r["task"] == task:
+            if r["latency_us"] is not None:
+                best = r["latency_us"] if best is None else min(best, r["latency_us"])
+            ys.append(best)
+    return ys
+
+
+def workload_curve(trials: list[dict], weights: dict[str, int]) -> list[float | None]:
+    """After each of the arm's trials: sum over tasks of weight x best kernel so far (None until all tasks ran)."""
+    best: dict[str, float] = {}
+    ys = []
+    for r in trials:
+        if r["task"] in weights and r["latency_us"] is not None:
+            best[r["task"]] = min(best.get(r["task"], math.inf), r["latency_us"])
+        ys.append(sum(w * best[t] for t, w in weights.items()) if len(best) == len(weights) else None)
+    return ys
+
+
+def trials_to_reach(ys: list[float | None], limit: float) -> int | None:
+    return next((i + 1 for i, y in enumerate(ys) if y is not None and y <= limit), None)
+
+
+def band(curves: list[list[float | None]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Per trial: min, median, max over the seeds that have a value there."""
+    xs, lo, med, hi = [], [], [], []
+    for t in range(max((len(c) for c in curves), default=0)):
+        vals = [c[t] for c in curves if t < len(c) and c[t] is not None]
+        if vals:
+            xs.append(t + 1)
+            lo.append(min(vals))
+            med.append(statistics.median(vals))
+            hi.append(max(vals))
+    return xs, lo, med, hi
+
+
+def convergence_png(title: str, series: dict[str, list[list[float | None]]]) -> bytes | None:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    fig = Figure(figsize=(8, 3.8), dpi=100)
+    ax = fig.subplots()
+    drawn, last = [], 0
+    for i, (strategy, curves) in enumerate(series.items()):
+        xs, lo, med, hi = band(curves)
+        if not xs:
+            continue
+        color = COLORS.get(strategy, f"C{i + 3}")
+        ax.fill_between(xs, lo, hi, step="post", color=color, alpha=0.18, linewidth=0)
+        ax.vlines(xs[-1], lo[-1], hi[-1], color=color, alpha=0.5, linewidth=4)  # the final spread, even for one point
+        ax.step(xs, med, where="post", color=color, linewidth=1.8, marker="o" if len(xs) <= 40 else None,
+                markersize=4, label=f"{strategy}: median of {len(curves)} seed{'s' * (len(curves) > 1)} "
+                                    "(band: min..max)")
+        drawn += lo + hi
+        last = max(last, xs[-1])
+    if not drawn:
+        return None
+    if max(drawn) / min(drawn) > 10:
+        ax.set_yscale("log")
+        plain = lambda v, _: f"{v:g}"  # 200, not 2x10^2; minor ticks labelled at 2x and 5x only
+        ax.yaxis.set_major_formatter(FuncFormatter(plain))
+        ax.yaxis.set_minor_formatter(FuncFormatter(
+            lambda v, _: plain(v, _) if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""))
+    ax.set_xlim(0, last + max(1, last // 50))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(title=title, xlabel="trials (hardware measurements)", ylabel="best latency so far (us)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})  # no version stamp: rebuilds are identical
+    return buf.getvalue()
+
+
+def _median_range(values: list[float], fmt=fmt_us) -> tuple[str, str]:
+    if not values:
+        return "-", "-"
+    return fmt(statistics.median(values)), f"{fmt(min(values))} .. {fmt(max(values))}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2g}%" if x < 10 else f"{x:.0f}%"
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _si(x: float | None, unit: str) -> str:
+    if x is None:
+        return "-"
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+class _Workload:
+    """One workload's stored data, digested once for all sections of the report."""
+
+    def __init__(self, w: dict, exp: dict):
+        self.name, self.w, self.exp = w["name"], w, exp
+        self.strategies = exp["strategies"]
+        self.runs = {s: [a for a in w["arms"] if a["strategy"] == s] for s in self.strategies}
+        self.done = {s: [a for a in runs if a["results"]] for s, runs in self.runs.items()}
+        self.valid = {s: [a for a in runs if a["results"]["validation"]["passed"]] for s, runs in self.done.items()}
+        first = next((a["results"] for runs in self.done.values() for a in runs), None)
+        self.tasks = first["tasks"] if first else []
+        self.baselines = (w["baselines"] or {}).get("baselines", {})
+        self.device = (first or w["baselines"] or {}).get("device", {}).get("name", "unknown device")
+        self.flops = sum(t["flops"] * t["weight"] for t in self.tasks) if self.tasks else None
+        b = (w["baselines"] or {}).get("bytes")
+        self.bytes = sum(b.values()) if b else None
+
+    def latencies(self, strategy: str) -> list[float]:
+        return [a["results"]["timing"]["tvm"]["median_us"] for a in self.valid[strategy]]
+
+    def noise(self, strategy: str) -> float | None:
+        """Median over valid seeds of the relative p10..p90 spread of the end-to-end timing."""
+        spreads = [timing.spread(a["results"]["timing"]["tvm"]) for a in self.valid[strategy]]
+        return statistics.median(spreads) if spreads else None
+
+    def timed_baselines(self) -> dict[str, dict]:
+        return {k: v for k, v in self.baselines.items() if "median_us" in v}
+
+    def curves(self, strategy: str, task: str) -> list[list[float | None]]:
+        weights = {t["name"]: t["weight"] for t in self.tasks}
+        return [workload_curve(a["trials"], weights) if task == ALL_TASKS else task_curve(a["trials"], task)
+                for a in self.runs[strategy] if a["trials"]]
+
+    def curve_names(self) -> list[str]:
+        return [ALL_TASKS] + ([t["name"] for t in self.tasks] if len(self.tasks) > 1 else [])
+
+
+def comparison_blocks(data: dict) -> list[tuple]:
+    """The report as blocks: ("h1"|"h2"|"h3"|"p"|"code", text), ("list", [text]), ("table", headers, rows),
+    ("img", file name, alt text, png bytes)."""
+    exp = data["experiment"]
+    wls = [_Workload(w, exp) for w in data["workloads"]]
+    devices = sorted({wl.device for wl in wls})
+    peak = peak_for(devices[0] if devices else "", exp["peaks"].get("tflops"), exp["peaks"].get("gbs"))
+    seeds = len(exp["seeds"])
+    blocks = [("h1", "Schedule search comparison: " + ", ".join(exp["strategies"])),
+              ("p", f"{_count(len(wls), 'workload')} ({exp['size']} size), strategies {', '.join(exp['strategies'])}, "
+                    f"{_count(seeds, 'search seed')} each ({', '.join(map(str, exp['seeds']))}), "
+                    f"{exp['trials_per_task']} hardware measurements per task and arm, one database per arm and seed; "
+                    f"same target, builder, runner and validation for every arm.")]
+    blocks += _convergence(wls)
+    blocks += _efficiency(wls)
+    blocks += _final(wls, peak, exp)
+    blocks += _environment(data, wls, peak)
+    blocks += [("h2", "Notes"), ("list", _notes(data, wls, peak))]
+    return blocks
+
+
+def _convergence(wls: list[_Workload]) -> list[tuple]:
+    out = [("h2", "Convergence"),
+           ("p", "Best kernel latency found so far against trials spent, as MetaSchedule's runner measured it. "
+                 "Line: median over seeds; band: min..max over seeds. For a workload of several tasks the "
+                 "first plot sums weight x best kernel over its tasks (defined once every task has a "
+                 "measurement); one plot per task follows.")]
+    for wl in wls:
+        out.append(("h3", wl.name))
+        for i, task in enumerate(wl.curve_names()):
+            title = f"{wl.name}" if task == ALL_TASKS else f"{wl.name}: task {task}"
+            png = convergence_png(title, {s: wl.curves(s, task) for s in wl.strategies})
+            if png is None:
+                out.append(("p", f"{title}: no successful measurement yet."))
+            else:
+                out.append(("img", f"{wl.name}-{i}.png", f"convergence of {title}", png))
+    return out
+
+
+def _efficiency(wls: list[_Workload]) -> list[tuple]:
+    out = [("h2", "Sample efficiency")]
+    if not any("ansor" in wl.strategies for wl in wls):
+        return out + [("p", "No ansor arm in this comparison: nothing to measure sample efficiency against.")]
+    out.append(("p", "Trials each arm needed to come within 90% of Ansor's final best (latency <= best / 0.9) and "
+                     "to match it (latency <= best). Ansor's final best: the median over its seeds (the upper middle "
+                     "one for an even count). Cells: median over seeds (the lower middle one for an even count), "
+                     "'never' when more than half the seeds never got there; in brackets, the seeds that did."))
+    rows = []
+    for wl in wls:
+        for task in wl.curve_names():
+            finals = [c[-1] for c in wl.curves("ansor", task) if c and c[-1] is not None]
+            if not finals:
+                continue
+            ref = statistics.median_high(finals)
+            for s in wl.strategies:
+                curves = wl.curves(s, task)
+                cells = []
+                for limit in (ref / 0.9, ref):
+                    hits = [trials_to_reach(c, limit) for c in curves]
+                    med = statistics.median_low([h if h is not None else math.inf for h in hits]) if hits else math.inf
+                    got = sum(h is not None for h in hits)
+                    cells.append(f"{'never' if med == math.inf else f'{med:g}'} ({got}/{len(hits)})")
+                rows.append([wl.name, task, s, fmt_us(ref), *cells])
+    return out + [("table", ["workload", "task", "arm", "ansor final best", "trials to 90%", "trials to 100%"], rows)]
+
+
+def _final(wls: list[_Workload], peak: dict | None, exp: dict) -> list[tuple]:
+    out = [("h2", "Final results")]
+    for wl in wls:
+        out.append(("h3", wl.name))
+        bound = roofline_us(wl.flops, wl.bytes, peak)
+        base = wl.timed_baselines()
+        rows = []
+        for s in wl.strategies:
+            lat = wl.latencies(s)
+            med, rng = _median_range(lat)
+            m = statistics.median(lat) if lat else None
+            speedups = [f"{base[k]['median_us'] / m:.2f}x" if m and k in base else "-" for k in BASELINES]
+            rows.append([s, f"{len(lat)}/{len(wl.runs[s])}", med, rng, _pct(100 * wl.noise(s) if lat else None),
+                         *speedups, _pct(100 * bound / m if bound and m else None)])
+        for k, name in BASELINES.items():
+            b = wl.baselines.get(k)
+            if b is None:
+                continue
+            if "failed" in b:
+                rows.append([name, "-", f"failed: {b['failed']}", "-", "-", "-", "-", "-", "-"])
+            else:
+                rows.append([name, "-", fmt_us(b["median_us"]), "-", _pct(100 * timing.spread(b)), "-", "-", "-",
+                             _pct(100 * bound / b["median_us"] if bound else None)])
+        out.append(("p", f"End to end, {exp['repeats']} timed calls per run ({'; '.join(filter(None, [_flop_text(wl), _bound_text(bound, peak)]))})."))
+        out.append(("table", ["", "valid seeds", "latency (median over seeds)", "min .. max over seeds",
+                              "run spread p10..p90", "vs eager", "vs torch.compile", "vs max-autotune",
+                              "% of roofline"], rows))
+        out.append(("table", ["arm", "validation", "max abs err", "max rel err", "tolerance",
+                              "tuning wall (median, min..max)", "measurements", "LLM requests", "LLM tokens in/out",
+                              "LLM cost"], [_quality_row(wl, s) for s in wl.strategies]))
+        out.append(("table", *_task_table(wl, peak)))
+    return out
+
+
+def _flop_text(wl: _Workload) -> str:
+    parts = []
+    if wl.flops is not None:
+        parts.append(_si(wl.flops, "FLOP"))
+    if wl.bytes is not None:
+        parts.append(f"{_si(wl.bytes, 'B')} moved at least once (inputs + outputs + weights)")
+    return ", ".join(parts)
+
+
+def _bound_text(bound: float | None, peak: dict | None) -> str:
+    if bound is None:
+        return "no roofline: no peak figures for this device" if peak is None else ""
+    return f"roofline bound {fmt_us(bound)} at {peak['tflops']:g} TFLOP/s, {peak['gbs']:g} GB/s"
+
+
+def _quality_row(wl: _Workload, s: str) -> list[str]:
+    done = wl.done[s]
+    if not done:
+        return [s, "no results", *["-"] * 8]
+    vs = [a["results"]["validation"] for a in done]
+    checks, failed = sum(v["checks"] for v in vs), sum(v["failed"] for v in vs)
+    shape = f"{_count(len(vs[0]['seeds']), 'seed')} x {_count(len(vs[0]['distributions']), 'distribution')} per run"
+    wall, wall_rng = _median_range([a["results"]["tuning_wall_s"] for a in done], fmt=lambda x: f"{x:,.0f} s")
+    measured = [sum(t["trials"] for t in a["results"]["tasks"]) for a in done]
+    errors = [sum(t["errors"] for t in a["results"]["tasks"]) for a in done]
+    llm = [a["results"].get("search", {}).get("llm") for a in done]
+    llm = [u for u in llm if u]
+    row = [s, f"{checks - failed}/{checks} checks passed ({shape})",
+           f"{max(v['max_abs'] for v in vs):.2e}", f"{max(v['max_rel'] for v in vs):.2e}",
+           f"{max(v['tolerance'] for v in vs):g}", f"{wall} ({wall_rng})",
+           f"{sum(measured)} in {len(done)} runs, {sum(errors)} failed"]
+    if not llm:
+        return row + ["-", "-", "-"]
+    est = " (estimated)" if any(u["tokens_estimated"] for u in llm) else ""
+    return row + [f"{sum(u['requests'] for u in llm)}",
+                  f"{sum(u['prompt_tokens'] for u in llm):,} / {sum(u['completion_tokens'] for u in llm):,}{est}",
+                  f"${sum(u['cost_usd'] for u in llm):.4f}"]
+
+
+def _task_table(wl: _Workload, peak: dict | None) -> tuple[list[str], list[list[str]]]:
+    headers = ["task", "weight", "FLOPs", "bytes moved", "FLOP/byte", "roofline bound",
+               *[f"{s}: best kernel, median (% of bound)" for s in wl.strategies]]
+    rows = []
+    for t in wl.tasks:
+        nbytes = t.get("bytes")  # absent in results written before tune recorded it
+        bound = roofline_us(t["flops"], nbytes, peak)
+        cells = []
+        for s in wl.strategies:
+            bests = [b["best_us"] for a in wl.valid[s] for b in a["results"]["tasks"]
+                     if b["name"] == t["name"] and b["best_us"] is not None]
+            m = statistics.median(bests) if bests else None
+            cells.append(f"{fmt_us(m)} ({_pct(100 * bound / m)})" if m and bound else fmt_us(m))
+        rows.append([t["name"], str(t["weight"]), _si(t["flops"], "FLOP"), _si(nbytes, "B"),
+                     f"{t['flops'] / nbytes:.2f}" if nbytes else "-", fmt_us(bound), *cells])
+    return headers, rows
+
+
+def _environment(data: dict, wls: list[_Workload], peak: dict | None) -> list[tuple]:
+    exp = data["experiment"]
+    results = [a["results"] for wl in wls for runs in wl.done.values() for a in runs]
+    versions: dict[str, set] = {}
+    for r in results:
+        for k, v in r["versions"].items():
+            versions.setdefault(k, set()).add(str(v))
+    tf32 = [(w["baselines"] or {}).get("tf32") for w in data["workloads"]]
+    tf32_on = any(t and any(t.values()) for t in tf32)
+    rows = [["device", ", ".join(sorted({f"{r['device']['name']} ({r['device']['kind']})" for r in results})) or "-"],
+            ["target", exp["target"]],
+            *[[k, ", ".join(sorted(v))] for k, v in sorted(versions.items())],
+            ["timing", results[0]["timing"]["method"] if results else "-"],
+            ["numerics", "fp32; TF32 " + ("ON in PyTorch (torch.backends flags were set)" if tf32_on else
+                                          "off in PyTorch (torch.backends.cuda.matmul.allow_tf32 = "
+                                          "torch.backends.cudnn.allow_tf32 = False), so eager, torch.compile and "
+                                          "TVM all compute in true fp32")],
+            ["validation", f"{_count(exp['validation_seeds'], 'seed')} x each input distribution per run, "
+                           "against PyTorch"],
+            ["roofline peaks", f"{peak['tflops']:g} TFLOP/s fp32, {peak['gbs']:g} GB/s: {peak['source']}"
+             if peak else "none known for this device (give --peak-tflops and --peak-gbs)"]]
+    return [("h2", "Environment"), ("table", ["", "value"], rows), ("p", "Command:"),
+            ("code", " ".join(shlex.quote(str(c)) for c in exp["command"]))]
+
+
+def _notes(data: dict, wls: list[_Workload], peak: dict | None) -> list[str]:
+    exp = data["experiment"]
+    notes = []
+    if "rules" in exp["strategies"]:
+        notes.append("rules is a rule-based proposer with no language model: it redraws decisions of MetaSchedule's "
+                     "own design-space sketches and of the best programs so far. It is a control arm, not an LLM.")
+    for wl in wls:
+        notes += _arm_notes(wl, exp)
+        notes += _speed_notes(wl)
+        for k, b in wl.baselines.items():
+            if "failed" in b:
+                notes.append(f"{wl.name}: {BASELINES.get(k, k)} baseline failed: {b['failed']}")
+            elif b.get("matches_eager") is False:
+                notes.append(f"{wl.name}: {BASELINES.get(k, k)} output differs from eager beyond tolerance "
+                             f"(max abs {b['max_abs_vs_eager']:.2e})")
+        if wl.w["baselines"] is None:
+            notes.append(f"{wl.name}: no PyTorch baselines stored: run compare again")
+    notes += _llm_notes(wls)
+    devices = sorted({a["results"]["device"]["name"] for wl in wls for runs in wl.done.values() for a in runs}
+                     | {wl.w["baselines"]["device"]["name"] for wl in wls if wl.w["baselines"]})
+    if len(devices) > 1:
+        notes.append(f"Runs were measured on different devices ({', '.join(devices)}): compare with care.")
+    if peak and "datasheet" in peak["source"]:
+        notes.append(f"The roofline uses {peak['source']}, not figures measured on this machine; "
+                     "% of roofline is a lower bound on the headroom, with every byte moved exactly once.")
+    notes.append("Convergence and sample efficiency use MetaSchedule's runner times of each kernel alone; the final "
+                 "tables time the whole compiled module end to end like PyTorch (timing row of Environment): "
+                 "the two are not the same measurement.")
+    return notes
+
+
+def _arm_notes(wl: _Workload, exp: dict) -> list[str]:
+    notes = []
+    for s in wl.strategies:
+        for a in wl.runs[s]:
+            arm = f"{wl.name}: {s} seed {a['seed']}"
+            if a["results"] is None:
+                why = a["error"].strip().splitlines()[-1] if a["error"] else "not run yet, or interrupted"
+                notes.append(f"{arm} has no results ({why}); run compare again to resume it.")
+                continue
+            v = a["results"]["validation"]
+            if not v["passed"]:
+                problem = v["failures"][0].get("problem") if v["failures"] else None
+                notes.append(f"{arm} FAILED validation ({v['failed']} of {v['checks']} checks"
+                             f"{': ' + problem if problem else ''}): left out of every latency and speedup above.")
+            if a["reused_from"]:
+                notes.append(f"{arm} was tuned and timed in an earlier comparison ({a['reused_from']}) and copied "
+                             "here; the PyTorch baselines were timed in this one.")
+        short = {}  # task -> [(seed, trials)] where the arm spent less than the budget
+        for a in wl.done[s]:
+            for t in a["results"]["tasks"]:
+                if t["trials"] < a["results"]["trials_per_task"]:
+                    short.setdefault(t["name"], []).append(f"seed {a['seed']}: {t['trials']}")
+        for task, where in short.items():
+            notes.append(f"{wl.name}: {s} measured fewer than {exp['trials_per_task']} candidates for task {task} "
+                         f"({', '.join(where)}): its search ran out of new candidates, so it spent less than the budget.")
+    return notes
+
+
+def _speed_notes(wl: _Workload) -> list[str]:
+    """Speedups inside the run-to-run spread, and where PyTorch was faster."""
+    notes = []
+    base = wl.timed_baselines()
+    ansor = wl.latencies("ansor") if "ansor" in wl.strategies else []
+    for s in wl.strategies:
+        lat = wl.latencies(s)
+        if not lat:
+            continue
+        m, noise = statistics.median(lat), wl.noise(s)
+        others = [(BASELINES[k], b["median_us"], timing.spread(b)) for k, b in base.items()]
+        if s != "ansor" and ansor:
+            others.append(("ansor", statistics.median(ansor), wl.noise("ansor")))
+        for name, other, other_noise in others:
+            if abs(m - other) <= max(noise * m, other_noise * other):
+                notes.append(f"{wl.name}: the difference between {s} and {name} (speedup {other / m:.2f}x) is within "
+                             f"run-to-run noise (p10..p90 spread: {s} {100 * noise:.0f}%, "
+                             f"{name} {100 * other_noise:.0f}%).")
+            elif other < m and name in BASELINES.values():
+                notes.append(f"{wl.name}: {name} ({fmt_us(other)}) was faster than {s} ({fmt_us(m)}).")
+    return notes
+
+
+def _llm_notes(wls: list[_Workload]) -> list[str]:
+    notes = []
+    backends: dict[tuple, list[str]] = {}
+    for wl in wls:
+        for a in wl.done.get("llm", []):
+            u = a["results"].get("search", {}).get("llm") or {}
+            key = (u.get("backend", "unknown"), u.get("model"), bool(u.get("tokens_estimated")))
+            backends.setdefault(key, []).append(f"{wl.name} seed {a['seed']}")
+    for (backend, model, estimated), where in backends.items():
+        text = {"replay": "came from the replay backend: answers were read back from a recorded transcript, "
+                          "no model was queried in this run",
+                "files": "came from the files backend: answers were supplied as files by someone or something "
+                         "outside schedsearch",
+                "openai": "came from an OpenAI-compatible endpoint"}.get(backend, f"came from backend {backend}")
+        notes.append(f"LLM arm ({'model ' + model if model else 'model unknown'}) {text} ({', '.join(where)})"
+                     + ("; token counts partly estimated (4 characters a token)." if estimated else "."))
+    return notes
+
+
+def render_markdown(blocks: list[tuple]) -> str:
+    cell = lambda x: str(x).replace("|", "\\|").replace("\n", " ")
+    out = []
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + b[1])
+        elif kind == "p":
+            out.append(b[1])
+        elif kind == "code":
+            out.append(f"```\n{b[1]}\n```")
+        elif kind == "list":
+            out.append("\n".join(f"- {x}" for x in b[1]))
+        elif kind == "table":
+            headers, rows = b[1], b[2]
+            out.append("\n".join(["| " + " | ".join(map(cell, headers)) + " |",
+                                  "|" + "---|" * len(headers), *("| " + " | ".join(map(cell, r)) + " |" for r in rows)]))
+        elif kind == "img":
+            out.append(f"![{b[2]}](plots/{b[1]})")
+    return "\n\n".join(out) + "\n"
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}
+th{background:#f0f0f0}img{display:block;max-width:100%;margin:1em 0}pre{background:#f6f6f6;padding:.6em;white-space:pre-wrap}
+li{margin:.3em 0}"""
+
+
+def render_html(blocks: list[tuple]) -> str:
+    e = html.escape
+    title = next((b[1] for b in blocks if b[0] == "h1"), "schedsearch report")
+    out = [f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
+           f"<style>{CSS}</style></head><body>"]
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2", "h3", "p"):
+            out.append(f"<{kind}>{e(b[1])}</{kind}>")
+        elif kind == "code":
+            out.append(f"<pre><code>{e(b[1])}</code></pre>")
+        elif kind == "list":
+            out.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in b[1]) + "</ul>")
+        elif kind == "table":
+            head = "".join(f"<th>{e(str(h))}</th>" for h in b[1])
+            body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in b[2])
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode(b[3]).decode()
+            out.append(f'<img alt="{e(b[2])}" src="data:image/png;base64,{data}">')
+    return "\n".join(out + ["</body></html>"]) + "\n"
+
+
+def write_comparison_report(data: dict, out: Path) -> list[Path]:
+    """report.md with its plots in plots/, and report.html with the same plots embedded."""
+    blocks = comparison_blocks(data)
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    for old in plots.glob("*.png"):  # a rebuild must not leave plots of workloads no longer in the report
+        old.unlink()
+    for b in blocks:
+        if b[0] == "img":
+            (plots / b[1]).write_bytes(b[3])
+    (out / "report.md").write_text(render_markdown(blocks))
+    (out / "report.html").write_text(render_html(blocks))
+    return [out / "report.md", out / "report.html"]

@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tvm.s_tir import Schedule
+from tvm.s_tir import SBlock, Schedule
 
 MAX_SOURCE_CHARS = 64 * 1024
 MAX_STATEMENTS = 512  # tuned traces of fused kernels (with post-processing) reach a few hundred
@@ -490,6 +490,22 @@ def _resolve(value, env: dict, line: int):
     return value
 
 
+def _check_in_schedule(st: Statement, sch: Schedule, args: list, kwargs: dict) -> None:
+    """Preconditions that need the schedule, where TVM 0.27 segfaults instead of raising."""
+    if st.primitive == "cache_read":
+        consumers = _SIGNATURES["cache_read"].bind(*args, **kwargs).arguments.get("consumer_blocks")
+        for block in consumers or ():
+            scope, depth = sch.get_sref(block).parent, 0
+            while scope is not None:
+                depth += isinstance(scope.stmt, SBlock)
+                scope = scope.parent
+            if depth != 1:
+                raise ScheduleLangError(
+                    st.line, "cache_read: consumer_blocks must be blocks directly under the root "
+                    "block (not inside a blockized block); omit consumer_blocks"
+                )
+
+
 def apply(program: Program, sch: Schedule) -> None:
     """Run `program` on `sch` in place. On error `sch` keeps the statements before the failing one."""
     env: dict[str, object] = {}
@@ -502,7 +518,10 @@ def apply(program: Program, sch: Schedule) -> None:
         args = [_resolve(a, env, st.line) for a in st.args]
         kwargs = {_python_keyword(st.primitive, k): _resolve(v, env, st.line) for k, v in st.kwargs}
         try:
+            _check_in_schedule(st, sch, args, kwargs)
             result = getattr(sch, st.primitive)(*args, **kwargs)
+        except ScheduleLangError:
+            raise
         except Exception as err:  # ScheduleError, TVMError, TypeError, ValueError, AssertionError
             raise ScheduleLangError(st.line, f"{st.primitive} failed: {_short_error(err)}") from err
         if not st.targets:

@@ -47,7 +47,7 @@ def time_call(fn: Callable[[], object], device: str, warmup: int = 3, repeats: i
 
 def summarize(samples_us: list[float]) -> dict:
     s = sorted(samples_us)
-    q = statistics.quantiles(s, n=10) if len(s) >= 2 else [s[0]] * 9
+    q = statistics.quantiles(s, n=10, method="inclusive") if len(s) >= 2 else [s[0]] * 9
     return {"median_us": statistics.median(s), "min_us": s[0], "p10_us": q[0], "p90_us": q[-1],
             "mean_us": statistics.fmean(s), "repeats": len(s)}
 

@@ -25,9 +25,9 @@ class TrialLog(ms.measure_callback.PyMeasureCallback):
     """Appends every measurement to trials.jsonl and draws the progress line."""
 
     def __init__(self, run: RunDir, task: Task, task_index: int, n_tasks: int, strategy: str,
-                 done: int, budget: int, best_us: float | None):
+                 done: int, budget: int, best_us: float | None, best_file: Path):
         super().__init__()
-        self.run, self.task, self.strategy = run, task, strategy
+        self.run, self.task, self.strategy, self.best_file = run, task, strategy, best_file
         self.label = f"[{task_index + 1}/{n_tasks} {task.name}]"
         self.done, self.budget, self.best_us, self.errors = done, budget, best_us, 0
         self.t0 = time.time()
@@ -37,19 +37,27 @@ class TrialLog(ms.measure_callback.PyMeasureCallback):
             for cand, b, r in zip(measure_candidates, builder_results, runner_results):
                 self.done += 1
                 error = b.error_msg or r.error_msg
-                us = None
+                us, capped = None, False
                 if not error and r.run_secs:
                     us = 1e6 * sum(float(s) for s in r.run_secs) / len(r.run_secs)
+                    capped = measure.is_capped(r.run_secs)
                     self.best_us = us if self.best_us is None else min(self.best_us, us)
                 else:
                     self.errors += 1
                 f.write(json.dumps({
                     "task": self.task.name, "trial": self.done, "strategy": self.strategy,
-                    "latency_us": us, "best_us": self.best_us,
+                    "latency_us": us, "best_us": self.best_us, "capped": capped,
                     "error": _short_error(error) if error else None,
                     "elapsed_s": round(time.time() - self.t0, 3),
                 }) + "\n")
+        self.write_best()
         progress(self.label, self.done, self.budget, self.best_us, self.errors)
+
+    def write_best(self) -> None:
+        if self.best_us is None:
+            self.best_file.unlink(missing_ok=True)
+        else:
+            self.best_file.write_text(repr(self.best_us * 1e-6))
 
 
 def _short_error(msg: str) -> str:
@@ -81,13 +89,16 @@ StrategyFactory = Callable[[Task], "ms.search_strategy.SearchStrategy | str"]
 
 
 def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_name: str,
-           make_strategy: StrategyFactory, trials: int, seed: int = 0) -> dict[str, dict]:
-    """Give each task `trials` hardware measurements in total (earlier runs in `run` count)."""
+           make_strategy: StrategyFactory, trials: int, seed: int = 0,
+           runner: ms.runner.Runner | None = None, builder: ms.builder.Builder | None = None) -> dict[str, dict]:
+    """Give each task `trials` hardware measurements in total (earlier runs in `run` count).
+    `runner`/`builder`: where candidates are measured/built (default: measure.py's, on this machine)."""
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
     _log_to_file(run.log)
     database = ms.database.JSONDatabase(work_dir=str(run.database))
-    builder, runner = measure.make_builder(), measure.make_runner(target)
+    best_file = run.root / "best_s.txt"  # the running task's best, for the runner's cap
+    builder, runner = builder or measure.make_builder(), runner or measure.make_runner(target, str(best_file))
     cost_model = ms.cost_model.XGBModel(adaptive_training=True)
     previous = trials_done(run)
     for i, task in enumerate(tasks):
@@ -97,7 +108,8 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
         if remaining <= 0:
             progress(f"[{i + 1}/{len(tasks)} {task.name}]", done, trials, min(bests, default=None), 0)
             continue
-        log = TrialLog(run, task, i, len(tasks), strategy_name, done, trials, min(bests, default=None))
+        log = TrialLog(run, task, i, len(tasks), strategy_name, done, trials, min(bests, default=None), best_file)
+        log.write_best()
         strategy = make_strategy(task)
         ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
                              search_strategy=strategy, task_name=task.name,
@@ -154,6 +166,7 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
     results = {
         "schema": SCHEMA,
         "workload": {"name": workload.name, "path": str(workload.path), "sha256": workload.sha256,
+                     "weights_sha256": workload.weights_sha256,
                      "size": workload.size,
                      "inputs": [{"name": n, "shape": list(s), "dtype": str(d).replace("torch.", "")}
                                 for n, (s, d) in zip(workload.input_names, workload.input_specs)]},

@@ -6,6 +6,7 @@ before calling `get_init_inputs()`/`get_inputs()`, so one file serves CPU tests 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import sys
@@ -33,15 +34,33 @@ class Workload:
     def sha256(self) -> str:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
 
+    @property
+    def weights_sha256(self) -> str | None:
+        """Fingerprint of the weights compiled into a module built from this workload."""
+        if self.model is None:
+            return None
+        h = hashlib.sha256()
+        for name, t in self.model.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     def shapes(self) -> dict[str, list[int]]:
         return {n: list(s) for n, (s, _) in zip(self.input_names, self.input_specs)}
 
-    def reference(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Outputs of the original program (PyTorch module, or onnxruntime for ONNX files)."""
+    def reference(self, inputs: list[torch.Tensor], float64: bool = False) -> list[torch.Tensor]:
+        """Outputs of the original program (PyTorch module, or onnxruntime for ONNX files).
+        `float64`: the PyTorch module run in double precision on upcast inputs (None for ONNX files)."""
         if self.model is not None:
+            model = self.model.to(inputs[0].device)
+            if float64:
+                model = copy.deepcopy(model).double()
+                inputs = [t.double() if t.is_floating_point() else t for t in inputs]
             with torch.no_grad():
-                out = self.model.to(inputs[0].device)(*inputs)
+                out = model(*inputs)
             return list(out) if isinstance(out, (tuple, list)) else [out]
+        if float64:
+            return None
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(self.onnx_path), providers=["CPUExecutionProvider"])
@@ -79,7 +98,11 @@ def _load_kernelbench(path: Path, size: str) -> Workload:
         for k, v in sizes[size].items():
             setattr(module, k, v)
     try:
-        model = module.Model(*module.get_init_inputs()).eval()
+        # Seeded: a Model that draws its weights at random must draw the same ones every time it is
+        # loaded (tune, export, run --check), or a module would be checked against another model.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = module.Model(*module.get_init_inputs()).eval()
         inputs = module.get_inputs()
     except Exception as e:
         raise UserError(f"{path}: building the model or its inputs failed: {type(e).__name__}: {e}") from e

@@ -47,11 +47,9 @@ def softmax_dist(softmax_run, tmp_path_factory):
     return dist
 
 
-def record_for(db, task, target, run_secs):
-    """A database record for `task`: its unscheduled trace (a real, valid schedule)."""
-    db.commit_tuning_record(ms.database.TuningRecord(
-        tvm.s_tir.Schedule(task.mod).trace, db.commit_workload(task.mod), run_secs, target,
-        ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])))
+def commit_record(db, task, sch, target, run_secs):
+    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(task.mod), run_secs, target,
+                                                     ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])))
 
 
 def test_export_packages_the_run(softmax_run, softmax_dist):
@@ -63,7 +61,7 @@ def test_export_packages_the_run(softmax_run, softmax_dist):
     assert m["outputs"] == [{"shape": [8, 256], "dtype": "float32"}]
     assert m["target"] == res["target"] and m["versions"]["tvm"] == tvm.__version__
     assert m["workload"] == {"name": "softmax", "size": "small", "path": SOFTMAX, "file": "softmax.py",
-                             "sha256": res["workload"]["sha256"]}
+                             "sha256": res["workload"]["sha256"], "weights_sha256": res["workload"]["weights_sha256"]}
     assert (softmax_dist / "softmax.py").read_bytes() == (ROOT / "workloads/level1/softmax.py").read_bytes()
     assert m["strategy"] == "ansor" and m["trials_per_task"] == 2
     assert m["tasks"][0]["best_us"] == res["tasks"][0]["best_us"] > 0 and "curve" not in m["tasks"][0]
@@ -162,7 +160,7 @@ def test_arch_compatibility():
     assert "runs only on compute capability 8.x" in export.arch_problem("sm_80", "9.0")
 
 
-def test_build_lists_tuned_and_fallback_tasks(tmp_path):
+def test_build_lists_tuned_and_fallback_tasks(tmp_path, capsys):
     """A database with a record for one of conv2d_relu_maxpool's two tasks: the manifest says which."""
     wl = workload.load(CONV, "small")
     target = targets.resolve("llvm")
@@ -170,7 +168,9 @@ def test_build_lists_tuned_and_fallback_tasks(tmp_path):
     assert len(tasks) == 2
     db_dir = tmp_path / "db"
     db_dir.mkdir()
-    record_for(ms.database.JSONDatabase(work_dir=str(db_dir)), tasks[0], target, [1e-5])
+    sch = tvm.s_tir.Schedule(tasks[0].mod)  # MetaSchedule ignores records with an empty trace
+    sch.compute_inline(sch.get_sblock("pad_temp"))
+    commit_record(ms.database.JSONDatabase(work_dir=str(db_dir)), tasks[0], sch, target, [1e-5])
     dist = tmp_path / "dist"
     assert cli("build", CONV, "--schedules", db_dir, "--size", "small", "--target", "llvm", "-o", dist) == 0
     m = json.loads((dist / "manifest.json").read_text())
@@ -180,8 +180,13 @@ def test_build_lists_tuned_and_fallback_tasks(tmp_path):
     assert m["tasks"][0]["best_us"] == pytest.approx(10.0) and m["tasks"][1]["best_us"] is None
     assert m["outputs"] == [{"shape": [2, 16, 3, 3], "dtype": "float32"}]
     assert len(ms.database.JSONDatabase(work_dir=str(dist / "database"))) == 1
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(schedsearch.load(dist)(x), wl.reference([x])[0], atol=1e-4, rtol=1e-4)
+    # The conv's weights are drawn at random when the workload loads: check sees the same ones.
+    assert m["workload"]["weights_sha256"] == workload.load(CONV, "small").weights_sha256
+    assert cli("run", dist, "--check", "--seeds", "1", "--repeats", "2") == 0
+    assert "validation: PASSED" in capsys.readouterr().out
+    (dist / "manifest.json").write_text(json.dumps({**m, "workload": {**m["workload"], "weights_sha256": "0" * 64}}))
+    with pytest.raises(UserError, match="builds a model with other weights than the ones compiled into"):
+        cli("run", dist, "--check")
 
 
 def test_build_from_another_workloads_database_falls_back_and_returns_tuples(softmax_run, write_problem, tmp_path):
@@ -219,9 +224,7 @@ def test_run_check_fails_on_a_wrong_module(softmax_run, tmp_path, capsys):
     sch.unsafe_set_dtype(sch.get_sblock("T_softmax_exp"), 0, "float16")
     db_dir = tmp_path / "db"
     db_dir.mkdir()
-    db = ms.database.JSONDatabase(work_dir=str(db_dir))
-    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(task.mod), [1e-9], target,
-                                                     ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])))
+    commit_record(ms.database.JSONDatabase(work_dir=str(db_dir)), task, sch, target, [1e-9])
     dist = tmp_path / "dist"
     assert cli("build", SOFTMAX, "--schedules", db_dir, "--size", "small", "--target", "llvm", "-o", dist) == 0
     assert cli("run", dist, "--check", "--seeds", "1", "--repeats", "2") == 1
@@ -236,6 +239,14 @@ def test_export_and_check_refuse_what_they_cannot_vouch_for(softmax_run, softmax
         export.export_run(softmax_run.root, tmp_path / "busy")
     with pytest.raises(UserError, match="is not a finished run directory: no results.json"):
         export.export_run(tmp_path / "busy", tmp_path / "out")
+    failed = tmp_path / "failed-run"
+    shutil.copytree(softmax_run.root, failed)
+    res = json.loads((failed / "results.json").read_text())
+    res["validation"].update(passed=False, failed=1)
+    (failed / "results.json").write_text(json.dumps(res))
+    with pytest.raises(UserError, match="FAILED validation when it was tuned .1 of 4 checks.*not exporting it"):
+        export.export_run(failed, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     edited = tmp_path / "edited"
     shutil.copytree(softmax_dist, edited)
     (edited / "softmax.py").write_text((edited / "softmax.py").read_text().replace("dim=1", "dim=0"))
@@ -243,3 +254,25 @@ def test_export_and_check_refuse_what_they_cannot_vouch_for(softmax_run, softmax
         export.check(edited, seeds=1, repeats=2)
     assert cli("export", softmax_run.root, "-o", edited) == 0  # a dist dir of ours is replaced
     assert (edited / "softmax.py").read_bytes() == (softmax_dist / "softmax.py").read_bytes()
+
+
+def test_onnx_workload_travels_with_its_external_weights(tmp_path):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x))
+
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.onnx.export(Net().eval(), (torch.randn(2, 64),), str(src / "net.onnx"), dynamo=True, opset_version=18,
+                      input_names=["x"], external_data=True)
+    assert (src / "net.onnx.data").stat().st_size > 0
+    dist = tmp_path / "dist"
+    m = export.build(src / "net.onnx", None, dist, target=targets.resolve("llvm"))
+    assert m["workload"]["name"] == "net" and m["workload"]["file"] == "net.onnx"
+    assert (dist / "net.onnx.data").read_bytes() == (src / "net.onnx.data").read_bytes()
+    shutil.rmtree(src)  # the dist dir alone is enough to check the module against its program
+    assert export.check(dist, seeds=1, repeats=2)["validation"]["passed"]

@@ -1,0 +1,23 @@
+"""The runner's cap on hopeless candidates must never make a capped kernel the reported best."""
+from conftest import ROOT
+from schedsearch import frontend, target as targets, workload
+from schedsearch.rundir import RunDir
+from schedsearch.tune import search
+
+
+def test_capped_candidates_are_never_the_best(tmp_path, monkeypatch):
+    # A tight cap so that this small CPU task caps some candidates (the worker reads these at start).
+    monkeypatch.setenv("SCHEDSEARCH_CAP_FACTOR", "1.05")
+    monkeypatch.setenv("SCHEDSEARCH_MIN_CAP_S", "0")
+    wl = workload.load(ROOT / "workloads/level1/matmul.py", "small")
+    target = targets.resolve("llvm")
+    run = RunDir(tmp_path / "run").create()
+    [task] = frontend.extract_tasks(frontend.import_onnx(frontend.export_onnx(wl, run.onnx)), target)
+    trials = search([task], target, run, "ansor", lambda t: "evolutionary", trials=24)[task.name]
+    measured = [t for t in trials if t["latency_us"] is not None]
+    capped = [t for t in measured if t["capped"]]
+    assert capped and len(capped) < len(measured)
+    best = min(t["latency_us"] for t in measured)
+    assert best == min(t["latency_us"] for t in measured if not t["capped"])
+    assert all(t["latency_us"] > best for t in capped)
+    assert trials[-1]["best_us"] == best
