@@ -344,7 +344,12 @@ def _flop_text(wl: _Workload) -> str:
 def _bound_text(bound: float | None, peak: dict | None) -> str:
     if bound is None:
         return "no roofline: no peak figures for this device" if peak is None else ""
-    return f"roofline bound {fmt_us(bound)} at {peak['tflops']:g} TFLOP/s, {peak['gbs']:g} GB/s"
+    return f"roofline bound {fmt_us(bound)} at {_peak_text(peak)}"
+
+
+def _peak_text(peak: dict) -> str:
+    parts = [f"{peak['tflops']:g} TFLOP/s fp32"] if peak["tflops"] is not None else []
+    return ", ".join(parts + ([f"{peak['gbs']:g} GB/s"] if peak["gbs"] is not None else []))
 
 
 def _quality_row(wl: _Workload, s: str) -> list[str]:
@@ -408,7 +413,7 @@ def _environment(data: dict, wls: list[_Workload], peak: dict | None) -> list[tu
                                           "TVM all compute in true fp32")],
             ["validation", f"{_count(exp['validation_seeds'], 'seed')} x each input distribution per run, "
                            "against PyTorch"],
-            ["roofline peaks", f"{peak['tflops']:g} TFLOP/s fp32, {peak['gbs']:g} GB/s: {peak['source']}"
+            ["roofline peaks", f"{_peak_text(peak)}: {peak['source']}"
              if peak else "none known for this device (give --peak-tflops and --peak-gbs)"]]
     return [("h2", "Environment"), ("table", ["", "value"], rows), ("p", "Command:"),
             ("code", " ".join(shlex.quote(str(c)) for c in exp["command"]))]

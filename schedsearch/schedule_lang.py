@@ -71,7 +71,8 @@ PRIMITIVES: dict[str, tuple[str | None, str]] = {
     "vectorize": (None, "vectorize an innermost loop"),
     "unroll": (None, "unroll a loop"),
     "bind": (None, 'bind a loop to a GPU axis: "blockIdx.x", "threadIdx.x", "vthread.x", ...'),
-    "cache_read": ("block", 'stage a read buffer in "shared"/"local"/"global" memory'),
+    "cache_read": ("block", 'stage a read buffer in "shared"/"local"/... memory; '
+                   "consumer_blocks: None or [block]"),
     "cache_write": ("block", 'stage a write buffer in "shared"/"local"/"global" memory'),
     "cache_inplace": ("blocks", "cache a buffer that is both read and written"),
     "reindex": ("block", 'copy a buffer into one indexed by the block iters; buffer=("read", 0)'),
@@ -89,9 +90,11 @@ PRIMITIVES: dict[str, tuple[str | None, str]] = {
     "pad_einsum": (None, "pad the iteration domain of an einsum block to multiples"),
     "annotate": (None, "set an annotation (pragma) on a block or loop"),
     "unannotate": (None, "remove an annotation from a block or loop"),
-    "sample_perfect_tile": ("vars", "tile sizes whose product is the loop extent; decision=[..] fixes them"),
+    "sample_perfect_tile": ("vars", "n tile sizes whose product is the loop extent; "
+                            "decision=[..] fixes them"),
     "sample_categorical": ("var", "one of candidates; decision=index fixes it"),
-    "sample_compute_location": ("loop", "a location only for compute_at/reverse_compute_at; decision=index fixes it"),
+    "sample_compute_location": ("loop", "a loop for compute_at/reverse_compute_at only; "
+                                "decision=index fixes it"),
     "enter_postproc": (None, "marks the start of post-processing; the IR is unchanged"),
 }
 _SIGNATURES = {
@@ -219,8 +222,6 @@ _ARG_RULE = (
 )
 
 
-
-
 def _allowed_list() -> str:
     return ", ".join(PRIMITIVES)
 
@@ -233,7 +234,8 @@ class _Parser:
 
     def snippet(self, node: ast.AST) -> str:
         # from the source text: ast.unparse recurses and overflows on deeply nested input
-        text = " ".join((ast.get_source_segment(self.source, node) or type(node).__name__).split())
+        text = ast.get_source_segment(self.source, node) or type(node).__name__
+        text = " ".join(text.split())
         return text if len(text) <= 60 else text[:57] + "..."
 
     def statement(self, node: ast.stmt) -> Statement:
@@ -273,7 +275,9 @@ class _Parser:
         if name == "sch":
             raise ScheduleLangError(line, "`sch` cannot be assigned")
         if name.startswith("_"):
-            raise ScheduleLangError(line, f"name {name} is not allowed (names may not start with _)")
+            raise ScheduleLangError(
+                line, f"name {name} is not allowed (names may not start with _)"
+            )
         return name
 
     def call(self, node: ast.Call, line: int, targets: tuple[str, ...], unpack: bool) -> Statement:
@@ -302,7 +306,9 @@ class _Parser:
         kwargs = []
         for kw in node.keywords:
             if kw.arg is None:
-                raise ScheduleLangError(line, f"`{self.snippet(kw.value)}`: **kwargs is not allowed")
+                raise ScheduleLangError(
+                    line, f"`{self.snippet(kw.value)}`: **kwargs is not allowed"
+                )
             if kw.arg not in keywords:
                 raise ScheduleLangError(
                     line, f"{name} got unknown keyword '{kw.arg}'; expected one of: "
@@ -336,7 +342,9 @@ class _Parser:
             return Seq(items, isinstance(node, ast.Tuple))
         leaves[0] += 1
         if leaves[0] > MAX_LIST_ELEMENTS:
-            raise ScheduleLangError(line, f"a list argument has more than {MAX_LIST_ELEMENTS} elements")
+            raise ScheduleLangError(
+                line, f"a list argument has more than {MAX_LIST_ELEMENTS} elements"
+            )
         if isinstance(node, ast.Name):
             if node.id == "sch":
                 raise ScheduleLangError(line, "`sch` can only be used as sch.<primitive>(...)")
@@ -349,7 +357,9 @@ class _Parser:
                 and isinstance(node.operand, ast.Constant)
                 and type(node.operand.value) in (int, float)):
             return self.literal(-node.operand.value, line)
-        raise ScheduleLangError(line, f"argument `{self.snippet(node)}` is not allowed: {_ARG_RULE}")
+        raise ScheduleLangError(
+            line, f"argument `{self.snippet(node)}` is not allowed: {_ARG_RULE}"
+        )
 
     @staticmethod
     def literal(value, line: int):
@@ -422,12 +432,18 @@ def _check_arguments(st: Statement, locations: set[str]) -> None:
         return
     # TVM 0.27: max_innermost_factor 0 or < -1 loops forever; a 0 in decision is SIGFPE.
     bound.apply_defaults()
-    n, max_innermost, decision = (bound.arguments[k] for k in ("n", "max_innermost_factor", "decision"))
+    n, max_innermost, decision = (
+        bound.arguments[k] for k in ("n", "max_innermost_factor", "decision")
+    )
     if type(n) is not int or not 2 <= n <= MAX_TILE_PARTS:
-        raise ScheduleLangError(st.line, f"sample_perfect_tile: n must be an integer in [2, {MAX_TILE_PARTS}]")
+        raise ScheduleLangError(
+            st.line, f"sample_perfect_tile: n must be an integer in [2, {MAX_TILE_PARTS}]"
+        )
     if type(max_innermost) is not int or not (max_innermost == -1 or max_innermost >= 1):
         raise ScheduleLangError(
-            st.line, "sample_perfect_tile: max_innermost_factor must be a positive integer (or -1: no limit)"
+            st.line,
+            "sample_perfect_tile: max_innermost_factor must be a positive integer "
+            "(or -1: no limit)",
         )
     if decision is not None and not (
         isinstance(decision, Seq) and len(decision.items) == n
@@ -493,8 +509,10 @@ def _resolve(value, env: dict, line: int):
 def _check_in_schedule(st: Statement, sch: Schedule, args: list, kwargs: dict) -> None:
     """Preconditions that need the schedule, where TVM 0.27 segfaults instead of raising."""
     if st.primitive == "cache_read":
-        consumers = _SIGNATURES["cache_read"].bind(*args, **kwargs).arguments.get("consumer_blocks")
-        for block in consumers or ():
+        bound = _SIGNATURES["cache_read"].bind(*args, **kwargs)
+        for block in bound.arguments.get("consumer_blocks") or ():
+            if isinstance(block, str):
+                block = sch.get_sblock(block)
             scope, depth = sch.get_sref(block).parent, 0
             while scope is not None:
                 depth += isinstance(scope.stmt, SBlock)
@@ -506,8 +524,19 @@ def _check_in_schedule(st: Statement, sch: Schedule, args: list, kwargs: dict) -
                 )
 
 
+def fresh_schedule(mod, **kwargs) -> Schedule:
+    """A schedule on a copy of `mod`: in TVM 0.27, after `annotate` on the root block of a
+    multi-block function, later primitives also write into the IRModule a schedule was made from."""
+    import tvm
+
+    return Schedule(tvm.ir.load_json(tvm.ir.save_json(mod)), **kwargs)
+
+
 def apply(program: Program, sch: Schedule) -> None:
-    """Run `program` on `sch` in place. On error `sch` keeps the statements before the failing one."""
+    """Run `program` on `sch` in place; on error `sch` keeps the statements before the failing one.
+
+    Make `sch` with `fresh_schedule(mod)`, never `Schedule(mod)` (see there).
+    """
     env: dict[str, object] = {}
     locations: set[str] = set()
     for st in program.statements:

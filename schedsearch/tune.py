@@ -90,7 +90,8 @@ StrategyFactory = Callable[[Task], "ms.search_strategy.SearchStrategy | str"]
 
 def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_name: str,
            make_strategy: StrategyFactory, trials: int, seed: int = 0,
-           runner: ms.runner.Runner | None = None, builder: ms.builder.Builder | None = None) -> dict[str, dict]:
+           runner: ms.runner.Runner | None = None, builder: ms.builder.Builder | None = None,
+           cost_model_file: Path | None = None) -> dict[str, dict]:
     """Give each task `trials` hardware measurements in total (earlier runs in `run` count).
     `runner`/`builder`: where candidates are measured/built (default: measure.py's, on this machine)."""
     if trials < 1:
@@ -100,6 +101,10 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     best_file = run.root / "best_s.txt"  # the running task's best, for the runner's cap
     builder, runner = builder or measure.make_builder(), runner or measure.make_runner(target, str(best_file))
     cost_model = ms.cost_model.XGBModel(adaptive_training=True)
+    if cost_model_file is not None:  # a model trained elsewhere (same device): a warm start for every task
+        if not Path(cost_model_file).is_file():
+            raise UserError(f"cost model file not found: {cost_model_file}")
+        cost_model.load(str(cost_model_file))
     previous = trials_done(run)
     for i, task in enumerate(tasks):
         done = len(previous.get(task.name, []))
@@ -125,6 +130,7 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
             raise strategy.error
         if log.done < trials:  # the space ran dry before the budget: say so instead of looping
             print(f"{log.label} search stopped after {log.done} trials: no new candidates", file=sys.stderr)
+    cost_model.save(str(run.root / "cost_model.tar"))  # reusable with --cost-model on the same device
     return trials_done(run)
 
 
@@ -141,7 +147,7 @@ def _log_to_file(path: Path) -> None:
 
 def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: str = "ansor", trials: int = 64,
                   seed: int = 0, validation_seeds: int = 3, repeats: int = 20, command: list[str] | None = None,
-                  strategy_options: dict | None = None) -> dict:
+                  strategy_options: dict | None = None, cost_model_file: Path | None = None) -> dict:
     """The whole job: tasks -> search -> compile -> validate -> time -> run dir. Returns results.json's data."""
     from . import frontend, strategies, target as targets
     from .evaluate import evaluate
@@ -154,7 +160,7 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
     mod = frontend.import_onnx(frontend.export_onnx(workload, run.onnx), workload.shapes())
     tasks = frontend.extract_tasks(mod, target)
     factory = strategies.make(strategy, run=run, target=target, seed=seed, **(strategy_options or {}))
-    by_task = search(tasks, target, run, strategy, factory, trials, seed)
+    by_task = search(tasks, target, run, strategy, factory, trials, seed, cost_model_file=cost_model_file)
     tuning_s = time.time() - t0
 
     database = ms.database.JSONDatabase(work_dir=str(run.database))

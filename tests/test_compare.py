@@ -24,6 +24,7 @@ ARMS = [f"{w}/{s}-s{k}" for w in ("softmax", "rmsnorm") for s in ("ansor", "rule
 
 def cli(argv: list[str]) -> int:
     """Through `schedsearch` itself once cli.py routes compare/report, else through add_commands' parsers."""
+    cli_module.parser()  # registers the commands that modules add with add_commands
     if "compare" in cli_module.COMMANDS:
         return cli_module.main(argv)
     parser = argparse.ArgumentParser(prog="schedsearch")
@@ -185,14 +186,17 @@ def test_notes_flag_invalid_seeds_and_replayed_llm_numbers(cmp_dir, tmp_path):
     res["validation"].update(passed=False, failed=1, failures=[{"problem": "output 0: 3 of 2048 values outside"}])
     bad.write_text(json.dumps(res))
 
-    assert cli(["report", str(out)]) == 0
+    assert cli(["report", str(out), "--peak-tflops", "1", "--peak-gbs", "50"]) == 0
     md = (out / "report.md").read_text()
+    assert "| roofline peaks | 1 TFLOP/s fp32, 50 GB/s: given on the command line" in md
     notes = md.split("## Notes", 1)[1]
     assert "softmax: ansor seed 1 FAILED validation (1 of 4 checks: output 0: 3 of 2048 values outside)" in notes
     assert "LLM arm (model m-1) came from the replay backend" in notes and "no model was queried" in notes
     latency, quality, _ = tables(md, "Final results", "softmax")
     only = results(cmp_dir, "softmax/ansor-s0")["timing"]["tvm"]["median_us"]
     assert row(latency, "ansor")[1:3] == ["1/2", fmt_us(only)]  # the invalid seed's latency is left out
+    bound_us = max(8192 / 1e12, 2 * 8192 / 50e9) * 1e6  # softmax small: memory bound at 50 GB/s
+    assert row(latency, "ansor")[-1] == f"{100 * bound_us / only:.2g}%"
     assert row(quality, "llm")[-3:] == ["6", "2,000 / 400", "$0.5000"]
 
 
@@ -205,6 +209,8 @@ def test_peaks_and_roofline():
     given = peak_for("AMD EPYC", tflops=2.0, gbs=100.0)
     assert (given["tflops"], given["gbs"]) == (2.0, 100.0) and "datasheet" not in given["source"]
     assert peak_for("NVIDIA H200", gbs=4000.0)["tflops"] == 67.0
+    memory_only = peak_for("AMD EPYC", gbs=100.0)
+    assert memory_only["tflops"] is None and roofline_us(2e9, 1e9, memory_only) == pytest.approx(10_000)
     # 2 GFLOP at 2 TFLOP/s = 1000 us; 1 GB at 100 GB/s = 10 ms: memory bound
     assert roofline_us(2e9, 1e9, given) == pytest.approx(10_000) and roofline_us(2e9, 1e3, given) == pytest.approx(1000)
     assert roofline_us(2e9, 1e9, None) is None

@@ -52,9 +52,15 @@ def test_rerun_resumes_from_the_database(softmax_run, tmp_path):
             "--validation-seeds", "1", "--repeats", "3"]
     assert main(args + ["--trials", "4"]) == 0
     assert len(run.read_trials()) == 4  # budget already spent: nothing new measured
-    assert main(args + ["--trials", "6"]) == 0
+    assert main(args + ["--trials", "6", "--cost-model", str(softmax_run.root / "cost_model.tar")]) == 0
     assert [t["trial"] for t in run.read_trials()] == [1, 2, 3, 4, 5, 6]
     assert run.read_results()["tasks"][0]["trials"] == 6
+
+
+def test_missing_cost_model_file_is_a_clear_error(tmp_path, capsys):
+    rc = main(["tune", SOFTMAX, "--size", "small", "--trials", "1", "-o", str(tmp_path / "r"), "--target", "llvm",
+               "--cost-model", str(tmp_path / "nope.tar")])
+    assert rc == 2 and "cost model file not found" in capsys.readouterr().err
 
 
 def test_rerun_into_a_run_of_another_workload_is_refused(softmax_run, tmp_path, capsys):

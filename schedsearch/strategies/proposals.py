@@ -160,7 +160,8 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
             outcomes.append(out)
             try:
                 program = schedule_lang.parse(p.program)
-                sch = tvm.s_tir.Schedule(self.context.mod, seed=self.rng.randrange(1, 1 << 30), debug_mask="all")
+                sch = schedule_lang.fresh_schedule(self.context.mod, seed=self.rng.randrange(1, 1 << 30),
+                                                   debug_mask="all")
                 schedule_lang.apply(program, sch)
                 sch.enter_postproc()
                 for post in self.postprocs:

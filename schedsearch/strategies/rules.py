@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import tvm
 
 from .. import schedule_lang
 from .proposals import Proposal, TaskView
 
-SAMPLERS = ("sample_perfect_tile", "sample_categorical", "sample_partitioned_tile", "sample_compute_location")
+SAMPLERS = ("sample_perfect_tile", "sample_categorical", "sample_compute_location")
 
 
 def redraw(program: schedule_lang.Program, which: set[int] | None) -> schedule_lang.Program:
@@ -58,7 +57,7 @@ class RuleProposer:
             else:
                 j = view.rng.randrange(len(sketches))
                 program, source = redraw(sketches[j], None), f"sketch {j}, decisions drawn"
-            sch = tvm.s_tir.Schedule(view.mod, seed=view.rng.randrange(1, 1 << 30))
+            sch = schedule_lang.fresh_schedule(view.mod, seed=view.rng.randrange(1, 1 << 30))
             try:
                 schedule_lang.apply(program, sch)
             except schedule_lang.ScheduleLangError:
