@@ -25,9 +25,10 @@ class TrialLog(ms.measure_callback.PyMeasureCallback):
     """Appends every measurement to trials.jsonl and draws the progress line."""
 
     def __init__(self, run: RunDir, task: Task, task_index: int, n_tasks: int, strategy: str,
-                 done: int, budget: int, best_us: float | None, best_file: Path):
+                 done: int, budget: int, best_us: float | None, best_file: Path, capping_runner: bool):
         super().__init__()
         self.run, self.task, self.strategy, self.best_file = run, task, strategy, best_file
+        self.capping_runner = capping_runner  # measure.make_runner's: only it caps (and says so)
         self.label = f"[{task_index + 1}/{n_tasks} {task.name}]"
         self.done, self.budget, self.best_us, self.errors = done, budget, best_us, 0
         self.t0 = time.time()
@@ -40,7 +41,7 @@ class TrialLog(ms.measure_callback.PyMeasureCallback):
                 us, capped = None, False
                 if not error and r.run_secs:
                     us = 1e6 * sum(float(s) for s in r.run_secs) / len(r.run_secs)
-                    capped = measure.is_capped(r.run_secs)
+                    capped = self.capping_runner and measure.is_capped(r.run_secs)
                     self.best_us = us if self.best_us is None else min(self.best_us, us)
                 else:
                     self.errors += 1
@@ -99,6 +100,7 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     _log_to_file(run.log)
     database = ms.database.JSONDatabase(work_dir=str(run.database))
     best_file = run.root / "best_s.txt"  # the running task's best, for the runner's cap
+    capping_runner = runner is None
     builder, runner = builder or measure.make_builder(), runner or measure.make_runner(target, str(best_file))
     cost_model = ms.cost_model.XGBModel(adaptive_training=True)
     if cost_model_file is not None:  # a model trained elsewhere (same device): a warm start for every task
@@ -113,7 +115,8 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
         if remaining <= 0:
             progress(f"[{i + 1}/{len(tasks)} {task.name}]", done, trials, min(bests, default=None), 0)
             continue
-        log = TrialLog(run, task, i, len(tasks), strategy_name, done, trials, min(bests, default=None), best_file)
+        log = TrialLog(run, task, i, len(tasks), strategy_name, done, trials, min(bests, default=None), best_file,
+                       capping_runner)
         log.write_best()
         strategy = make_strategy(task)
         ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
