@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import compare, export
+from . import compare, export, rpc
 from .errors import UserError
 
 
@@ -46,12 +46,19 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="search seed")
     t.add_argument("--validation-seeds", type=_positive, default=3, help="seeds per input distribution (default 3)")
     t.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")
+    add_runner_option(t)
     t.add_argument("--cost-model", type=Path, help="start from this XGBoost cost model (a run's cost_model.tar, "
                                                    "trained on the same device); trusted files only (pickle)")
     add_llm_options(t)
     COMMANDS.update(export.add_commands(sub))
     COMMANDS.update(compare.add_commands(sub))
+    COMMANDS.update(rpc.add_commands(sub))
     return p
+
+
+def add_runner_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runner", default="local", metavar="SPEC",
+                   help="where candidates are measured: local | rpc://HOST:PORT/KEY (see `schedsearch tracker`)")
 
 
 def add_llm_options(p: argparse.ArgumentParser) -> None:
@@ -122,7 +129,7 @@ def cmd_tune(args) -> int:
     results = tune_workload(wl, target, run, strategy=args.strategy, trials=args.trials, seed=args.seed,
                             validation_seeds=args.validation_seeds, repeats=args.repeats,
                             command=["schedsearch", *sys.argv[1:]], strategy_options=llm_options(args),
-                            cost_model_file=args.cost_model)
+                            cost_model_file=args.cost_model, runner_spec=args.runner)
     print(summary_table(results))
     if not results["validation"]["passed"]:
         print(f"schedsearch: error: VALIDATION FAILED for {wl.name}: see {run.results}", file=sys.stderr)

@@ -27,7 +27,7 @@ COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune"}
 
 def add_commands(sub) -> dict:
     """Adds `compare` and `report` to the CLI's subparsers; returns {command: handler(args) -> exit code}."""
-    from .cli import _positive, add_llm_options
+    from .cli import _positive, add_llm_options, add_runner_option
 
     c = sub.add_parser("compare", help="tune workloads with several strategies and seeds at equal budgets, "
                                        "time PyTorch baselines, write a report")
@@ -43,6 +43,7 @@ def add_commands(sub) -> dict:
     c.add_argument("--arms-from", metavar="DIR", help="copy finished arms of an earlier comparison instead of tuning")
     c.add_argument("--no-compile-baselines", action="store_true", help="time PyTorch eager only, not torch.compile")
     _add_peak_options(c)
+    add_runner_option(c)
     add_llm_options(c)
 
     r = sub.add_parser("report", help="rebuild report.md and report.html of a comparison from its stored results")
@@ -68,7 +69,7 @@ def cmd_compare(args) -> int:
                       arms_from=Path(args.arms_from) if args.arms_from else None,
                       compile_baselines=not args.no_compile_baselines,
                       peaks={"tflops": args.peak_tflops, "gbs": args.peak_gbs},
-                      command=["schedsearch", *sys.argv[1:]])
+                      command=["schedsearch", *sys.argv[1:]], runner_spec=args.runner)
     paths = write_report(out)
     print(f"report: {', '.join(map(str, paths))}", file=sys.stderr)
     for arm, error in summary["errors"].items():
@@ -94,7 +95,7 @@ def arm_name(strategy: str, seed: int) -> str:
 def compare(workload_paths: list[str], out: Path, strategies: list[str], trials: int, seeds: int, *,
             size: str = "default", target_name: str = "auto", validation_seeds: int = 3, repeats: int = 20,
             llm: dict | None = None, arms_from: Path | None = None, compile_baselines: bool = True,
-            peaks: dict | None = None, command: list[str] | None = None) -> dict:
+            peaks: dict | None = None, command: list[str] | None = None, runner_spec: str = "local") -> dict:
     """Runs (or resumes) every arm and the baselines. Returns {"errors": {arm: traceback}, "invalid": [arm],
     "pending": [PendingResponses]}: one arm failing does not stop the others."""
     from . import strategies as known, target as targets, workload as workloads
@@ -149,7 +150,8 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
                     try:
                         results = tune_workload(wl, target, run, strategy=strategy, trials=trials, seed=seed,
                                                 validation_seeds=validation_seeds, repeats=repeats,
-                                                command=command, strategy_options=llm if strategy == "llm" else None)
+                                                command=command, strategy_options=llm if strategy == "llm" else None,
+                                                runner_spec=runner_spec)
                     except PendingResponses as e:
                         summary["pending"].append(e)
                         continue

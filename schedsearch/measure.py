@@ -93,13 +93,20 @@ def is_capped(run_secs) -> bool:
     return len(run_secs) == 1
 
 
-def make_runner(target: Target, best_file: str) -> ms.runner.Runner:
-    """`best_file`: where the caller keeps the current task's best latency in seconds (see above)."""
-    os.environ[BEST_FILE_ENV] = best_file  # inherited by the runner's worker process
+def evaluator_config(target: Target) -> ms.runner.EvaluatorConfig:
     if target.kind.name == "cuda":
         # 2 x 2 timed runs of at least 10 ms each rank candidates well; the final numbers come from
         # timing.py (CUDA events, L2 flush), not from here.
-        config = ms.runner.EvaluatorConfig(number=2, repeat=REPEAT, min_repeat_ms=10)
-        return ms.runner.LocalRunner(timeout_sec=10, evaluator_config=config, f_run_evaluator=run_evaluator_capped)
-    config = ms.runner.EvaluatorConfig(number=2, repeat=REPEAT, min_repeat_ms=0, enable_cpu_cache_flush=False)
-    return ms.runner.LocalRunner(timeout_sec=30, evaluator_config=config, f_run_evaluator=run_evaluator_capped)
+        return ms.runner.EvaluatorConfig(number=2, repeat=REPEAT, min_repeat_ms=10)
+    return ms.runner.EvaluatorConfig(number=2, repeat=REPEAT, min_repeat_ms=0, enable_cpu_cache_flush=False)
+
+
+def share_best_file(path) -> None:
+    """Where the caller keeps the running task's best latency (seconds): set before a runner starts
+    its processes, which inherit it."""
+    os.environ[BEST_FILE_ENV] = str(path)
+
+
+def make_runner(target: Target) -> ms.runner.Runner:
+    return ms.runner.LocalRunner(timeout_sec=10 if target.kind.name == "cuda" else 30,
+                                 evaluator_config=evaluator_config(target), f_run_evaluator=run_evaluator_capped)

@@ -92,16 +92,18 @@ StrategyFactory = Callable[[Task], "ms.search_strategy.SearchStrategy | str"]
 def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_name: str,
            make_strategy: StrategyFactory, trials: int, seed: int = 0,
            runner: ms.runner.Runner | None = None, builder: ms.builder.Builder | None = None,
-           cost_model_file: Path | None = None) -> dict[str, dict]:
+           cost_model_file: Path | None = None, capping_runner: bool | None = None) -> dict[str, dict]:
     """Give each task `trials` hardware measurements in total (earlier runs in `run` count).
-    `runner`/`builder`: where candidates are measured/built (default: measure.py's, on this machine)."""
+    `runner`/`builder`: where candidates are measured/built (default: measure.py's, on this machine);
+    `capping_runner`: whether `runner` measures with measure.run_evaluator_capped (ours do)."""
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
     _log_to_file(run.log)
     database = ms.database.JSONDatabase(work_dir=str(run.database))
     best_file = run.root / "best_s.txt"  # the running task's best, for the runner's cap
-    capping_runner = runner is None
-    builder, runner = builder or measure.make_builder(), runner or measure.make_runner(target, str(best_file))
+    capping_runner = runner is None if capping_runner is None else capping_runner
+    measure.share_best_file(best_file)
+    builder, runner = builder or measure.make_builder(), runner or measure.make_runner(target)
     cost_model = ms.cost_model.XGBModel(adaptive_training=True)
     if cost_model_file is not None:  # a model trained elsewhere (same device): a warm start for every task
         if not Path(cost_model_file).is_file():
@@ -150,20 +152,25 @@ def _log_to_file(path: Path) -> None:
 
 def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: str = "ansor", trials: int = 64,
                   seed: int = 0, validation_seeds: int = 3, repeats: int = 20, command: list[str] | None = None,
-                  strategy_options: dict | None = None, cost_model_file: Path | None = None) -> dict:
+                  strategy_options: dict | None = None, cost_model_file: Path | None = None,
+                  runner_spec: str = "local") -> dict:
     """The whole job: tasks -> search -> compile -> validate -> time -> run dir. Returns results.json's data."""
-    from . import frontend, strategies, target as targets
+    from . import frontend, rpc, strategies, target as targets
     from .evaluate import evaluate
     from .rundir import SCHEMA, write_json
     from .runtime import CompiledModule
 
+    rpc_at = rpc.parse_runner_spec(runner_spec)  # a bad spec fails before any work
     t0 = time.time()
     run.create()
     _check_same_run(run, workload, target, strategy)
     mod = frontend.import_onnx(frontend.export_onnx(workload, run.onnx), workload.shapes())
     tasks = frontend.extract_tasks(mod, target)
     factory = strategies.make(strategy, run=run, target=target, seed=seed, **(strategy_options or {}))
-    by_task = search(tasks, target, run, strategy, factory, trials, seed, cost_model_file=cost_model_file)
+    measure.share_best_file(run.root / "best_s.txt")  # before the RPC runner starts its processes
+    runner = None if rpc_at is None else rpc.make_rpc_runner(*rpc_at, target, measure.evaluator_config(target))
+    by_task = search(tasks, target, run, strategy, factory, trials, seed, runner=runner,
+                     cost_model_file=cost_model_file, capping_runner=True)
     tuning_s = time.time() - t0
 
     database = ms.database.JSONDatabase(work_dir=str(run.database))
@@ -179,7 +186,7 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
                      "size": workload.size,
                      "inputs": [{"name": n, "shape": list(s), "dtype": str(d).replace("torch.", "")}
                                 for n, (s, d) in zip(workload.input_names, workload.input_specs)]},
-        "strategy": strategy, "seed": seed, "trials_per_task": trials,
+        "strategy": strategy, "seed": seed, "trials_per_task": trials, "runner": runner_spec,
         "target": str(target), "device": targets.facts(target), "versions": versions(),
         "command": command or sys.argv,
         "tasks": [task_summary(t, by_task.get(t.name, [])) for t in tasks],

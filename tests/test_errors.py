@@ -45,6 +45,7 @@ def test_bad_workload_files(write_problem, tmp_path, capsys, body, message):
     (["--target", "tpu"], "unknown target 'tpu'"),
     (["--target", "cuda"], "--target cuda, but no CUDA GPU is visible"),
     (["--strategy", "magic", "--size", "small"], "unknown strategy 'magic'"),
+    (["--runner", "tcp://x", "--size", "small"], "expected local or rpc://HOST:PORT/KEY"),
 ])
 def test_bad_flags(args, message, capsys, tmp_path):
     try:

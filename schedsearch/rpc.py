@@ -1,0 +1,227 @@
+"""Measure candidates on many GPUs and hosts through TVM's RPC tracker.
+
+Candidates are built on the tuning machine; TVM's tracker hands each one to whichever worker
+(a TVM RPC server for one GPU, registered under a device key) is free. This module only
+wires TVM's own tracker, server and `RPCRunner` together and adds what they lack: a timeout
+for workers that stop answering, and one more try for candidates whose worker was lost.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from .errors import UserError
+
+log = logging.getLogger("schedsearch.ms.rpc")  # lands in the run dir's tune.log
+
+
+def parse_runner_spec(spec: str) -> tuple[str, int, str] | None:
+    """`local` -> None; `rpc://HOST:PORT/KEY` -> (host, port, key)."""
+    if spec == "local":
+        return None
+    m = re.fullmatch(r"rpc://([\w.-]+):(\d+)/([\w.-]+)", spec)
+    if not m or not 0 < int(m[2]) < 65536:
+        raise UserError(f"--runner {spec!r}: expected local or rpc://HOST:PORT/KEY, e.g. rpc://10.0.0.5:9190/h100")
+    return m[1], int(m[2]), m[3]
+
+
+# How a lost worker looks from the tuning side, as opposed to a kernel's own error: the connection
+# dropped mid-call (a reply other than kReturn: kShutdown), no worker could be reached, or none
+# answered within the pool's timeout.
+# A kernel that crashes its session process looks the same and is tried once more: it costs one session.
+LOST_WORKER = ("RPCCode::kReturn) is false", "Cannot request", "Connection refused", "Connection reset", "Broken pipe",
+               "RPCRunner: Timeout")
+
+
+def lost_worker(error_msg: str | None) -> bool:
+    return error_msg is not None and any(m in error_msg for m in LOST_WORKER)
+
+
+@functools.cache
+def _retrying_runner_class():
+    """Defined on first use: `import schedsearch.rpc` (the CLI's parser) must not import TVM (~2.5 s)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class RetryOnceFuture(ms.runner.PyRunnerFuture):
+        def __init__(self, runner, runner_input, future):
+            super().__init__()
+            self.runner, self.input, self.future, self.retried = runner, runner_input, future, False
+
+        def _retry_if_lost(self) -> None:
+            error = self.future.result().error_msg
+            if not self.retried and lost_worker(error):
+                log.warning("worker lost a candidate; measuring it once more: %s", error.strip().splitlines()[-1])
+                self.future, self.retried = self.runner.run([self.input])[0], True
+
+        def done(self) -> bool:
+            if self.future.done():
+                self._retry_if_lost()
+            return self.future.done()
+
+        def result(self):
+            self._retry_if_lost()
+            return self.future.result()
+
+    @derived_object
+    class RetryingRunner(ms.runner.PyRunner):
+        def __init__(self, inner, before_run=None):
+            super().__init__()
+            self.inner, self.before_run = inner, before_run
+
+        def run(self, runner_inputs):
+            if self.before_run is not None:
+                self.before_run()
+            futures = self.inner.run(runner_inputs)
+            return [RetryOnceFuture(self.inner, i, f) for i, f in zip(runner_inputs, futures)]
+
+    return RetryingRunner
+
+
+def retrying_runner(inner, before_run: Callable[[], object] | None = None):
+    """`inner`'s results, except that a candidate lost with its worker is submitted to `inner` once more.
+    `before_run` is called before each batch."""
+    return _retrying_runner_class()(inner, before_run)
+
+
+def _run_evaluator_capped(_session, rt_mod, device, evaluator_config, repeated_args):
+    """measure.run_evaluator_capped with RPCRunner's signature (it runs here, timing the remote device)."""
+    from .measure import run_evaluator_capped
+
+    return run_evaluator_capped(rt_mod, device, evaluator_config, repeated_args)
+
+
+def count_workers(config) -> tuple[int, list[str]]:
+    """Workers registered under config's key, and all keys the tracker knows."""
+    try:  # TVM's own client retries for a minute with a warning a line: say it once instead
+        socket.create_connection((config.tracker_host, config.tracker_port), timeout=10).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the RPC tracker at {config.tracker_host}:{config.tracker_port} ({e}): "
+                        f"start it with `schedsearch tracker --port {config.tracker_port}`") from None
+    tracker = config.connect_tracker()
+    try:
+        servers = tracker.summary()["server_info"]
+    finally:
+        tracker.close()
+    keys = [s["key"].split(":", 1)[1] for s in servers]
+    return keys.count(config.tracker_key), sorted(set(keys))
+
+
+def wait_for_workers(config, limit_s: float | None) -> int:
+    """Block until a worker is registered under the key; UserError after `limit_s` (None: wait for ever)."""
+    t0, said = time.time(), False
+    while True:
+        n, keys = count_workers(config)
+        if n:
+            return n
+        if limit_s is not None and time.time() - t0 > limit_s:
+            raise UserError(f"no worker registered under key {config.tracker_key!r} at the tracker "
+                            f"{config.tracker_host}:{config.tracker_port} (keys there: {', '.join(keys) or 'none'}): "
+                            f"start one with `schedsearch worker --tracker {config.tracker_host}:"
+                            f"{config.tracker_port} --key {config.tracker_key}`")
+        if not said and limit_s is None:
+            print(f"schedsearch: no worker under key {config.tracker_key!r} is left: waiting for one to register",
+                  file=sys.stderr)
+            said = True
+        time.sleep(1.0)
+
+
+def make_rpc_runner(host: str, port: int, key: str, target, evaluator_config,
+                    session_timeout_sec: float | None = None, max_workers: int | None = None, wait_s: float = 30.0):
+    """A runner measuring on the workers registered under `key` at the tracker host:port.
+
+    One candidate per worker is in flight at once (`max_workers`: default the workers registered now).
+    A session running past `session_timeout_sec` is ended by its worker and recorded as an error; a
+    worker that answers nothing for twice that (plus slack for queueing) is given up on."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.support.popen_pool import PopenPoolExecutor
+
+    timeout = session_timeout_sec or (10 if target.kind.name == "cuda" else 30)  # as measure.make_runner
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
+                                 session_timeout_sec=timeout)
+    workers = max_workers or wait_for_workers(config, limit_s=wait_s)
+    inner = ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator_config,
+                                f_run_evaluator=_run_evaluator_capped, max_workers=workers)
+    # RPCRunner's pool waits for ever, so one hung worker would stall the tune: give each job a
+    # deadline (the pool kills and replaces the process, the candidate gets "RPCRunner: Timeout").
+    inner.pool.shutdown()
+    inner.pool = PopenPoolExecutor(max_workers=workers, timeout=2 * timeout + 10)
+    return retrying_runner(inner, before_run=lambda: wait_for_workers(config, limit_s=None))
+
+
+# ---- command line: `schedsearch tracker` and `schedsearch worker` ----
+
+def add_commands(sub) -> dict:
+    t = sub.add_parser("tracker", help="run TVM's RPC tracker, which hands candidates to free workers")
+    t.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all)")
+    t.add_argument("--port", type=int, default=9190, help="port to listen on (default 9190)")
+
+    w = sub.add_parser("worker", help="run a TVM RPC server that measures candidates on one GPU (or the CPU)")
+    w.add_argument("--tracker", required=True, metavar="HOST:PORT", help="the tracker to register with")
+    w.add_argument("--key", required=True, help="device key, the same for identical devices (e.g. h100)")
+    w.add_argument("--gpu", type=int, metavar="N",
+                   help="GPU index on this host; the worker sees only that GPU (default: all, it measures on the first)")
+    w.add_argument("--port", type=int, default=9090, help="first port to try (default 9090; the next free one is taken)")
+    w.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all)")
+    w.add_argument("--address", help="address the tuning machine reaches this worker at, if not the one "
+                                     "the tracker sees (NAT, several interfaces)")
+    return {"tracker": cmd_tracker, "worker": cmd_worker}
+
+
+def cmd_tracker(args) -> int:
+    with socket.socket() as probe:  # say so plainly if the port is taken (by an old tracker, say)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror} (a tracker running there "
+                            f"already?): choose another --port") from None
+    name = socket.gethostname() if args.host == "0.0.0.0" else args.host
+    print(f"tracker listening on {args.host}:{args.port} (Ctrl-C stops it)\n"
+          f"  workers: schedsearch worker --tracker {name}:{args.port} --key KEY [--gpu N]\n"
+          f"  tuning:  schedsearch tune ... --runner rpc://{name}:{args.port}/KEY", flush=True)
+    # --port-end: exactly this port, as workers and tunes are told it.
+    return _run_tvm_program(["tvm.exec.rpc_tracker", "--host", args.host, "--port", str(args.port),
+                             "--port-end", str(args.port + 1)])
+
+
+def cmd_worker(args) -> int:
+    host, _, port = args.tracker.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--tracker {args.tracker!r}: expected HOST:PORT, e.g. 10.0.0.5:9190")
+    env = dict(os.environ)
+    if args.gpu is not None:  # the server's device 0 is this GPU
+        env["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+    print(f"worker for {'GPU ' + str(args.gpu) if args.gpu is not None else 'this host'} registering with "
+          f"{args.tracker} under key {args.key!r} (Ctrl-C stops it)", flush=True)
+    return _run_tvm_program(["tvm.exec.rpc_server", "--tracker", args.tracker, "--key", args.key,
+                             "--host", args.host, "--port", str(args.port), "--port-end", str(args.port + 100),
+                             *(["--custom-addr", args.address] if args.address else [])], env)
+
+
+def _run_tvm_program(module_args: list[str], env: dict | None = None) -> int:
+    """Run one of TVM's RPC programs until it ends or this command is stopped (Ctrl-C, SIGTERM).
+
+    It runs in a process group of its own, ended as a whole: TVM serves from helper processes
+    that outlive their parent otherwise."""
+    proc = subprocess.Popen([sys.executable, "-m", *module_args], env=env, start_new_session=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        proc.wait()
