@@ -89,7 +89,9 @@ def llm_options(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from .llm_client import PendingResponses
 
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser().parse_args(argv)
+    args.command_line = ["schedsearch", *argv]  # recorded in results: what was run, exactly
     try:
         return COMMANDS[args.command](args)
     except PendingResponses as e:
@@ -128,7 +130,7 @@ def cmd_tune(args) -> int:
           f"({targets.facts(target)['name']}), {args.trials} trials per task -> {run.root}", file=sys.stderr)
     results = tune_workload(wl, target, run, strategy=args.strategy, trials=args.trials, seed=args.seed,
                             validation_seeds=args.validation_seeds, repeats=args.repeats,
-                            command=["schedsearch", *sys.argv[1:]], strategy_options=llm_options(args),
+                            command=args.command_line, strategy_options=llm_options(args),
                             cost_model_file=args.cost_model, runner_spec=args.runner)
     print(summary_table(results))
     if not results["validation"]["passed"]:

@@ -69,7 +69,7 @@ def cmd_compare(args) -> int:
                       arms_from=Path(args.arms_from) if args.arms_from else None,
                       compile_baselines=not args.no_compile_baselines,
                       peaks={"tflops": args.peak_tflops, "gbs": args.peak_gbs},
-                      command=["schedsearch", *sys.argv[1:]], runner_spec=args.runner)
+                      command=args.command_line, runner_spec=args.runner)
     paths = write_report(out)
     print(f"report: {', '.join(map(str, paths))}", file=sys.stderr)
     for arm, error in summary["errors"].items():
