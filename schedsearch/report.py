@@ -411,8 +411,9 @@ def _environment(data: dict, wls: list[_Workload], peak: dict | None) -> list[tu
                                           "off in PyTorch (torch.backends.cuda.matmul.allow_tf32 = "
                                           "torch.backends.cudnn.allow_tf32 = False), so eager, torch.compile and "
                                           "TVM all compute in true fp32")],
-            ["validation", f"{_count(exp['validation_seeds'], 'seed')} x each input distribution per run, "
-                           "against PyTorch"],
+            ["validation", f"{_count(exp['validation_seeds'], 'seed')} x each input distribution per run, against "
+                           + (", ".join(sorted({ref for r in results for ref in r["validation"].get("reference", [])}))
+                              or "PyTorch")],
             ["roofline peaks", f"{_peak_text(peak)}: {peak['source']}"
              if peak else "none known for this device (give --peak-tflops and --peak-gbs)"]]
     return [("h2", "Environment"), ("table", ["", "value"], rows), ("p", "Command:"),

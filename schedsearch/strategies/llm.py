@@ -81,7 +81,8 @@ class LLMProposer:
 
     def propose(self, view: TaskView) -> list[Proposal]:
         sketch = view.sketches[0] if view.sketches else "(none)"
-        context = CONTEXT.format(name=view.name, script=view.script, target=view.target, sketch=sketch,
+        target = ", ".join(f"{k} {v}" for k, v in view.target.items())
+        context = CONTEXT.format(name=view.name, script=view.script, target=target, sketch=sketch,
                                  history=history_text(view))
         system = {"role": "system", "content": SYSTEM.format(catalogue=schedule_lang.catalogue())}
         tag = f"{view.name}|r{view.round}"
@@ -100,7 +101,7 @@ class LLMProposer:
                     temperature=self.temperature, seed=seed + 1 + i * self.per_idea + k, tag=f"{tag}|i{i}|s{k}"))
                 sources.append(f"idea {i + 1} ({idea[:80]}), variation {k + 1}")
         out = []
-        for req, src, reply in zip(requests, sources, self.client.complete_many(requests)):
+        for src, reply in zip(sources, self.client.complete_many(requests)):
             if reply.error is None and reply.text:
                 out.append(Proposal(extract_program(reply.text), src, request=reply.prompt_hash))
         return out
