@@ -87,7 +87,12 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
         self.max_trials, self.per_iter = max_trials, num_trials_per_iter
         self.database, self.cost_model = database, cost_model
         self.trials, self.round = 0, 0
-        self.sketches = [schedule_lang.from_trace(s.trace) for s in design_spaces]
+        self.sketches = []
+        for space in design_spaces:
+            try:
+                self.sketches.append(schedule_lang.from_trace(space.trace))
+            except ScheduleLangError:  # e.g. tensor-core sketches use index maps, outside the language
+                continue
         self.seen: set[int] = set()
         self.measured: list[Outcome] = []
         self.rejected: list[Outcome] = []
@@ -109,8 +114,11 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
             self.seen.add(tvm_ffi.structural_hash(cand.sch.mod))
             secs = [float(s) for s in rec.run_secs] if rec.run_secs else None
             if secs and min(secs) < 1e9:
-                text = schedule_lang.from_trace(rec.trace)
-                self.measured.append(Outcome(text, "database", "measured", latency_us=1e6 * sum(secs) / len(secs)))
+                try:
+                    text = schedule_lang.from_trace(rec.trace)
+                    self.measured.append(Outcome(text, "database", "measured", latency_us=1e6 * sum(secs) / len(secs)))
+                except ScheduleLangError:  # measured, but not expressible as a program: model data only
+                    pass
                 cands.append(cand)
                 results.append(ms.runner.RunnerResult(run_secs=secs, error_msg=None))
         if cands:
@@ -230,7 +238,7 @@ def make_proposal_strategy(name: str, target, seed: int = 0, run=None, **options
     target_facts = facts(target)
     if name == "rules":
         from .rules import RuleProposer
-        proposer_for = lambda task: RuleProposer(target_facts)
+        proposer_for = lambda task: RuleProposer()
     else:
         from .llm import make_llm_proposer
         proposer_for = make_llm_proposer(run=run, target_facts=target_facts, seed=seed, **options)

@@ -38,17 +38,16 @@ def n_samplers(program: schedule_lang.Program) -> int:
 class RuleProposer:
     label = "rules"
 
-    def __init__(self, target_facts: dict):
-        self.target_facts = target_facts
-
     def propose(self, view: TaskView) -> list[Proposal]:
         sketches = [schedule_lang.parse(s) for s in view.sketches]
         best = [schedule_lang.parse(o.program) for o in view.measured[:3]]
         out: list[Proposal] = []
+        if not sketches and not best:
+            return out
         for attempt in range(view.want * 4):
             if len(out) >= view.want:
                 break
-            if best and attempt % 2:
+            if best and (attempt % 2 or not sketches):
                 j = min(int(view.rng.expovariate(1.0)), len(best) - 1)  # mostly the fastest
                 n = n_samplers(best[j])
                 if not n:
