@@ -57,17 +57,17 @@ def make_builder() -> ms.builder.Builder:
     return WarmBuilder()
 
 
-# Hopeless candidates: after one call, a kernel already CAP_FACTOR times slower than the fastest
-# of the task so far is recorded with that one call instead of a full measurement, so seconds go
-# to contenders. A capped kernel is slower than one measured before it, so it can never be the
-# task's best. The runner works in its own process: the task's best reaches it through a small
-# file (BEST_FILE_ENV), and it remembers the fastest first call it saw since that file changed.
+# Hopeless candidates: after one call, a kernel already CAP_FACTOR times slower than the best full
+# measurement of the task so far is recorded with that one call, so seconds go to contenders.
+# Its recorded latency then exceeds a latency recorded before it: a capped kernel is never the
+# task's best. The runner works in its own process: the task's best reaches it through a small file
+# (BEST_FILE_ENV), and it remembers the full measurements it made since that file last changed.
 # Full measurements have REPEAT samples, capped ones one: that is how the caller tells them apart.
 BEST_FILE_ENV = "SCHEDSEARCH_BEST_S_FILE"
-CAP_FACTOR = float(os.environ.get("SCHEDSEARCH_CAP_FACTOR", 10))
+CAP_FACTOR = max(1.0, float(os.environ.get("SCHEDSEARCH_CAP_FACTOR", 10)))
 MIN_CAP_S = float(os.environ.get("SCHEDSEARCH_MIN_CAP_S", 1e-3))  # below this a full measurement is cheap
 REPEAT = 2
-_fastest = {"best_file": None, "first_s": float("inf")}
+_best = {"file": None, "s": float("inf")}
 
 
 def run_evaluator_capped(rt_mod, device, evaluator_config, repeated_args):
@@ -75,18 +75,18 @@ def run_evaluator_capped(rt_mod, device, evaluator_config, repeated_args):
 
     try:
         with open(os.environ[BEST_FILE_ENV]) as f:
-            best_file = f.read()
+            text = f.read()
     except (KeyError, OSError):
-        best_file = ""
-    if best_file != _fastest["best_file"]:  # a new task, or a new best
-        _fastest.update(best_file=best_file, first_s=float(best_file or "inf"))
+        text = ""
+    if text != _best["file"]:  # a new task, or a new best
+        _best.update(file=text, s=float(text or "inf"))
     once = rt_mod.time_evaluator(rt_mod.entry_name, device, number=1, repeat=1)
     first = float(once(*repeated_args[0]).mean)
-    cap = max(CAP_FACTOR * _fastest["first_s"], MIN_CAP_S)
-    _fastest["first_s"] = min(_fastest["first_s"], first)
-    if first > cap:
+    if first > max(CAP_FACTOR * _best["s"], MIN_CAP_S):
         return [first]
-    return run_evaluator_common(rt_mod, device, evaluator_config, repeated_args)
+    costs = run_evaluator_common(rt_mod, device, evaluator_config, repeated_args)
+    _best["s"] = min(_best["s"], sum(costs) / len(costs))
+    return costs
 
 
 def is_capped(run_secs) -> bool:

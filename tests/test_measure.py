@@ -20,4 +20,7 @@ def test_capped_candidates_are_never_the_best(tmp_path, monkeypatch):
     best = min(t["latency_us"] for t in measured)
     assert best == min(t["latency_us"] for t in measured if not t["capped"])
     assert all(t["latency_us"] > best for t in capped)
+    for t in capped:  # each was more than 1.05x a full measurement made before it
+        earlier = [u["latency_us"] for u in measured if u["trial"] < t["trial"] and not u["capped"]]
+        assert earlier and t["latency_us"] > 1.05 * min(earlier)
     assert trials[-1]["best_us"] == best
