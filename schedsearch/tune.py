@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import tvm
+import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
 
@@ -163,9 +164,10 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
     rpc_at = rpc.parse_runner_spec(runner_spec)  # a bad spec fails before any work
     t0 = time.time()
     run.create()
-    _check_same_run(run, workload, target, strategy)
+    _check_same_run(run, workload_sha256=workload.sha256, size=workload.size, target=str(target), strategy=strategy)
     mod = frontend.import_onnx(frontend.export_onnx(workload, run.onnx), workload.shapes())
     tasks = frontend.extract_tasks(mod, target)
+    _check_same_run(run, tasks={t.name: str(tvm_ffi.structural_hash(t.mod)) for t in tasks})
     factory = strategies.make(strategy, run=run, target=target, seed=seed, **(strategy_options or {}))
     measure.share_best_file(run.root / "best_s.txt")  # before the RPC runner starts its processes
     runner = None if rpc_at is None else rpc.make_rpc_runner(*rpc_at, target, measure.evaluator_config(target))
@@ -219,18 +221,19 @@ def param_bytes(mod: tvm.IRModule) -> int:
                for a in ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
 
 
-def _check_same_run(run: RunDir, workload, target, strategy: str) -> None:
-    """Resuming into a run dir of another workload/target/strategy would mix their databases."""
+def _check_same_run(run: RunDir, **key) -> None:
+    """Resuming into a run dir made for other inputs would mix their databases and trial counts."""
     from .rundir import write_json
 
-    key = {"workload_sha256": workload.sha256, "size": workload.size, "target": str(target), "strategy": strategy}
-    if run.config.exists():
-        old = json.loads(run.config.read_text())
-        diff = [k for k in key if old.get(k) != key[k]]
-        if diff:
-            raise UserError(f"{run.root} holds a run with another {', '.join(diff)} "
-                            f"({', '.join(f'{k}={old.get(k)}' for k in diff)}): choose another -o")
-    write_json(run.config, key)
+    old = json.loads(run.config.read_text()) if run.config.exists() else {}
+    diff = [k for k in key if k in old and old[k] != key[k]]
+    if diff == ["tasks"]:
+        raise UserError(f"{run.root}: the workload's kernels changed since this run was made (another TVM or "
+                        "schedsearch version?), so its trials do not count for them: choose another -o")
+    if diff:
+        raise UserError(f"{run.root} holds a run with another {', '.join(diff)} "
+                        f"({', '.join(f'{k}={old[k]}' for k in diff)}): choose another -o")
+    write_json(run.config, {**old, **key})
 
 
 def versions() -> dict:

@@ -71,6 +71,18 @@ def test_rerun_into_a_run_of_another_workload_is_refused(softmax_run, tmp_path, 
     assert "holds a run with another workload_sha256" in capsys.readouterr().err
 
 
+def test_rerun_after_the_kernels_changed_is_refused(softmax_run, tmp_path, capsys):
+    """Trials counted for an older kernel (another TVM, another lowering) must not count for the new one."""
+    run = tmp_path / "old"
+    shutil.copytree(softmax_run.root, run)
+    config = json.loads((run / "run.json").read_text())
+    config["tasks"] = {"softmax": "12345"}
+    (run / "run.json").write_text(json.dumps(config))
+    rc = main(["tune", SOFTMAX, "--size", "small", "--trials", "1", "-o", str(run), "--target", "llvm"])
+    assert rc == 2
+    assert "the workload's kernels changed since this run was made" in capsys.readouterr().err
+
+
 def test_a_corrupted_record_fails_validation(softmax_run, tmp_path):
     """A schedule that passes TVM's checks but stores an intermediate in fp16 (an `unsafe_` primitive,
     which our schedule language refuses) must be caught by validation, not shipped."""
