@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sys
 from pathlib import Path
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"schedsearch: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("\nschedsearch: interrupted; everything measured so far is in the run directory's "
               "database: run the same command again to resume", file=sys.stderr)
@@ -108,8 +112,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_workloads(args) -> int:
     from .workload import builtin_workloads
-
-    import ast
 
     for path in builtin_workloads():
         doc = (ast.get_docstring(ast.parse(path.read_text())) or "").strip().splitlines()
