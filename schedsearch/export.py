@@ -323,18 +323,10 @@ def check(path: str | Path, seeds: int = 3, repeats: int = 20) -> dict:
 
 def time_only(path: str | Path, repeats: int = 20) -> dict:
     """Time a dist dir and PyTorch eager on the workload's inputs, without validating."""
-    from . import timing, validate
+    from .evaluate import time_against_eager
 
     module, workload = _load_with_workload(path)
-    inputs = validate.make_inputs(workload, 0, "normal", module.device)
-    out = {"tvm": timing.time_call(lambda: module(*inputs), module.device, repeats=repeats)}
-    if workload.model is not None:
-        import torch
-
-        model = workload.model.to(module.device)
-        with torch.no_grad():
-            out["torch_eager"] = timing.time_call(lambda: model(*inputs), module.device, repeats=repeats)
-    return out
+    return time_against_eager(workload, module.compiled, repeats)
 
 
 def _load_with_workload(path: str | Path):
