@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import compare, export, rpc
-from .errors import UserError
+from .errors import INTERRUPTED, UserError, catch_interrupts
 
 
 def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
@@ -93,8 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser().parse_args(argv)
     args.command_line = ["schedsearch", *argv]  # recorded in results: what was run, exactly
+    catch_interrupts()
     try:
-        return COMMANDS[args.command](args)
+        try:
+            return COMMANDS[args.command](args)
+        except Exception:
+            if INTERRUPTED.is_set():  # Ctrl-C, come back out of TVM as another error
+                raise KeyboardInterrupt from None
+            raise
     except PendingResponses as e:
         print(f"schedsearch: {e}", file=sys.stderr)
         return 3

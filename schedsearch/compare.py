@@ -18,7 +18,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import UserError
+from .errors import INTERRUPTED, UserError, catch_interrupts
 from .rundir import RunDir, write_json
 
 SCHEMA = 1
@@ -41,6 +41,10 @@ def add_commands(sub) -> dict:
     c.add_argument("--validation-seeds", type=_positive, default=3, help="seeds per input distribution (default 3)")
     c.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")
     c.add_argument("--arms-from", metavar="DIR", help="copy finished arms of an earlier comparison instead of tuning")
+    c.add_argument("--parallel", type=_positive, default=1, metavar="N",
+                   help="run N jobs at once, one process each, CPU cores split between them; on CUDA each "
+                        "process gets its own GPU (default 1). On CPU targets parallel measurements disturb "
+                        "each other: use it there for smoke tests only")
     c.add_argument("--no-compile-baselines", action="store_true", help="time PyTorch eager only, not torch.compile")
     _add_peak_options(c)
     add_runner_option(c)
@@ -69,7 +73,7 @@ def cmd_compare(args) -> int:
                       arms_from=Path(args.arms_from) if args.arms_from else None,
                       compile_baselines=not args.no_compile_baselines,
                       peaks={"tflops": args.peak_tflops, "gbs": args.peak_gbs},
-                      command=args.command_line, runner_spec=args.runner)
+                      command=args.command_line, runner_spec=args.runner, parallel=args.parallel)
     paths = write_report(out)
     print(f"report: {', '.join(map(str, paths))}", file=sys.stderr)
     for arm, error in summary["errors"].items():
@@ -95,12 +99,12 @@ def arm_name(strategy: str, seed: int) -> str:
 def compare(workload_paths: list[str], out: Path, strategies: list[str], trials: int, seeds: int, *,
             size: str = "default", target_name: str = "auto", validation_seeds: int = 3, repeats: int = 20,
             llm: dict | None = None, arms_from: Path | None = None, compile_baselines: bool = True,
-            peaks: dict | None = None, command: list[str] | None = None, runner_spec: str = "local") -> dict:
+            peaks: dict | None = None, command: list[str] | None = None, runner_spec: str = "local",
+            parallel: int = 1) -> dict:
     """Runs (or resumes) every arm and the baselines. Returns {"errors": {arm: traceback}, "invalid": [arm],
     "pending": [PendingResponses]}: one arm failing does not stop the others."""
     from . import strategies as known, target as targets, workload as workloads
     from .llm_client import PendingResponses
-    from .tune import tune_workload
 
     unknown = [s for s in strategies if s not in known.NAMES]
     if unknown or not strategies:
@@ -121,53 +125,204 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
             for seed in range(seeds):
                 finished(RunDir(out / wl.name / arm_name(strategy, seed)), wl, target, trials)
     out.mkdir(parents=True, exist_ok=True)
+    old = json.loads((out / "compare.json").read_text()) if (out / "compare.json").is_file() else {}
     write_json(out / "compare.json", {
-        "schema": SCHEMA, "command": command or sys.argv, "strategies": strategies, "seeds": list(range(seeds)),
+        "schema": SCHEMA, "command": command or sys.argv,
+        "commands": [*old.get("commands", []), command or sys.argv],  # every invocation: resumed runs show all
+        "strategies": strategies, "seeds": list(range(seeds)),
         "trials_per_task": trials, "size": size, "target": str(target),
         "workloads": [{"name": w.name, "path": str(w.path)} for w in loaded],
         "validation_seeds": validation_seeds, "repeats": repeats, "compile_baselines": compile_baselines,
         "peaks": peaks or {}, "llm": {k: v for k, v in (llm or {}).items() if k != "client"},
-        "arms_from": str(arms_from) if arms_from else None})
+        "arms_from": str(arms_from) if arms_from else None, "parallel": parallel})
 
-    summary = {"errors": {}, "invalid": [], "pending": []}
+    jobs = []  # baselines first: on several GPUs they then run while the first arms tune
     for wl in loaded:
-        baselines = out / wl.name / "baselines.json"
-        if not _same_baselines(baselines, wl, target, compile_baselines):
-            print(f"timing PyTorch baselines for {wl.name}", file=sys.stderr)
-            baselines.parent.mkdir(parents=True, exist_ok=True)
-            write_json(baselines, time_baselines(wl, target, repeats, compile_baselines))
+        if not _same_baselines(out / wl.name / "baselines.json", wl, target, compile_baselines):
+            jobs.append({"kind": "baselines", "workload": wl.name})
+    for wl in loaded:
         for strategy in strategies:
             for seed in range(seeds):
-                label = f"{wl.name}/{arm_name(strategy, seed)}"
                 run = RunDir(out / wl.name / arm_name(strategy, seed))
                 if arms_from is not None and finished(run, wl, target, trials) is None:
                     _reuse(RunDir(arms_from / wl.name / arm_name(strategy, seed)), run, wl, target, trials)
                 results = finished(run, wl, target, trials)
-                if results is not None:
-                    print(f"{label}: finished earlier, skipped", file=sys.stderr)
+                if results is None:
+                    jobs.append({"kind": "arm", "workload": wl.name, "strategy": strategy, "seed": seed})
                 else:
-                    print(f"{label}: tuning with {strategy}, seed {seed}, {trials} trials per task", file=sys.stderr)
-                    try:
-                        results = tune_workload(wl, target, run, strategy=strategy, trials=trials, seed=seed,
-                                                validation_seeds=validation_seeds, repeats=repeats,
-                                                command=command, strategy_options=llm if strategy == "llm" else None,
-                                                runner_spec=runner_spec)
-                    except PendingResponses as e:
-                        summary["pending"].append(e)
-                        continue
-                    except UserError:
-                        raise  # configuration the user must fix: every later arm would fail the same way
-                    except Exception:  # a crash in one arm (TVM, a worker) must not cost the others
-                        summary["errors"][label] = traceback.format_exc()
-                        run.create()
-                        (run.root / "error.txt").write_text(summary["errors"][label])
-                        print(f"{label}: FAILED: {summary['errors'][label].strip().splitlines()[-1]}",
-                              file=sys.stderr)
-                        continue
-                    (run.root / "error.txt").unlink(missing_ok=True)
-                if not results["validation"]["passed"]:
-                    summary["invalid"].append(label)
+                    print(f"{wl.name}/{arm_name(strategy, seed)}: finished earlier, skipped", file=sys.stderr)
+    settings = {"out": str(out), "workloads": {w.name: str(w.path) for w in loaded}, "size": size,
+                "target": target.kind.name, "target_str": str(target), "trials": trials,
+                "validation_seeds": validation_seeds, "repeats": repeats, "llm": llm or {},
+                "compile_baselines": compile_baselines, "command": command, "runner_spec": runner_spec}
+    if parallel > 1:
+        outcomes = _run_parallel(jobs, settings, parallel, gpu=targets.is_gpu(target))
+    else:
+        context = {"workloads": {w.name: w for w in loaded}, "target": target}
+        outcomes = []
+        for job in jobs:
+            outcomes.append(_run_job(job, settings, context))
+            if outcomes[-1].get("user_error"):  # configuration the user must fix: later arms would fail alike
+                break
+
+    summary = {"errors": {}, "invalid": [], "pending": []}
+    for o in outcomes:
+        if o.get("user_error"):
+            raise UserError(o["user_error"])
+        if o.get("pending"):
+            summary["pending"].append(PendingResponses(*o["pending"]))
+        elif o.get("error"):
+            summary["errors"][o["label"]] = o["error"]
+    for wl in loaded:  # arms finished earlier count too
+        for strategy in strategies:
+            for seed in range(seeds):
+                results = finished(RunDir(out / wl.name / arm_name(strategy, seed)), wl, target, trials)
+                if results is not None and not results["validation"]["passed"]:
+                    summary["invalid"].append(f"{wl.name}/{arm_name(strategy, seed)}")
     return summary
+
+
+def _run_job(job: dict, settings: dict, context: dict) -> dict:
+    """One baseline timing or one arm. Returns {"label", and "error" | "user_error" | "pending" if any}."""
+    from .llm_client import PendingResponses
+    from .tune import tune_workload
+
+    out, wl, target = Path(settings["out"]), context["workloads"][job["workload"]], context["target"]
+    if job["kind"] == "baselines":
+        label = f"{wl.name}/baselines"
+        print(f"timing PyTorch baselines for {wl.name}", file=sys.stderr)
+        try:
+            (out / wl.name).mkdir(parents=True, exist_ok=True)
+            write_json(out / wl.name / "baselines.json",
+                       time_baselines(wl, target, settings["repeats"], settings["compile_baselines"]))
+        except Exception:
+            return {"label": label, "error": traceback.format_exc()}
+        return {"label": label}
+    strategy, seed, trials = job["strategy"], job["seed"], settings["trials"]
+    label = f"{wl.name}/{arm_name(strategy, seed)}"
+    run = RunDir(out / wl.name / arm_name(strategy, seed))
+    print(f"{label}: tuning with {strategy}, seed {seed}, {trials} trials per task", file=sys.stderr)
+    try:
+        tune_workload(wl, target, run, strategy=strategy, trials=trials, seed=seed,
+                      validation_seeds=settings["validation_seeds"], repeats=settings["repeats"],
+                      command=settings["command"], strategy_options=settings["llm"] if strategy == "llm" else None,
+                      runner_spec=settings["runner_spec"])
+    except PendingResponses as e:
+        return {"label": label, "pending": (e.directory, e.paths)}
+    except UserError as e:
+        return {"label": label, "user_error": str(e)}
+    except Exception:  # a crash in one arm (TVM, a worker) must not cost the others
+        if INTERRUPTED.is_set():  # Ctrl-C, come back out of TVM as another error: stop, don't record
+            raise KeyboardInterrupt from None
+        error = traceback.format_exc()
+        run.create()
+        (run.root / "error.txt").write_text(error)
+        print(f"{label}: FAILED: {error.strip().splitlines()[-1]}", file=sys.stderr)
+        return {"label": label, "error": error}
+    (run.root / "error.txt").unlink(missing_ok=True)
+    return {"label": label}
+
+
+# Parallel jobs: one process per GPU (each sees only its GPU, as device 0), the CPU cores split between
+# them for building; each process imports TVM once and takes jobs from a shared queue. A job's console
+# output goes to a log file in the comparison dir; this process prints one line when a job starts and ends.
+def _worker_main(slot: dict, settings: dict, jobs, results) -> None:
+    import os
+    import signal
+    import time
+
+    catch_interrupts()
+    if slot["gpu"] is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = slot["gpu"]
+    os.sched_setaffinity(0, slot["cpus"])
+    from . import target as targets, workload as workloads
+
+    where = f"[gpu {slot['gpu']}]" if slot["gpu"] is not None else f"[worker {slot['index']}]"
+    say = lambda text: os.write(terminal, f"{where} {text}\n".encode())
+    terminal = os.dup(2)
+    try:
+        target = targets.resolve(settings["target"])
+        if str(target) != settings["target_str"]:
+            raise UserError(f"GPU {slot['gpu']} differs from the first GPU: {target} vs {settings['target_str']}")
+        context = {"target": target,
+                   "workloads": {n: workloads.load(p, settings["size"]) for n, p in settings["workloads"].items()}}
+        while (job := jobs.get()) is not None:
+            name = "baselines" if job["kind"] == "baselines" else arm_name(job["strategy"], job["seed"])
+            log = Path(settings["out"]) / job["workload"] / (f"{name}.log" if job["kind"] == "baselines"
+                                                              else f"{name}/console.log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            say(f"{job['workload']}/{name}: started (log: {log})")
+            t0 = time.time()
+            with open(log, "a") as f:
+                os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
+                try:
+                    outcome = _run_job(job, settings, context)
+                finally:
+                    sys.stdout.flush(), sys.stderr.flush()
+                    os.dup2(terminal, 1), os.dup2(terminal, 2)
+            results.put(outcome)
+            status = ("FAILED: " + outcome["error"].strip().splitlines()[-1] if outcome.get("error")
+                      else "error: " + outcome["user_error"] if outcome.get("user_error")
+                      else "waiting for LLM responses" if outcome.get("pending") else "done")
+            say(f"{job['workload']}/{name}: {status} ({time.time() - t0:.0f} s)")
+    except KeyboardInterrupt:  # the parent passes Ctrl-C on; what was measured is in the run dirs
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the goodbye below
+        say("interrupted")
+    except Exception as e:
+        say(f"worker failed: {type(e).__name__}: {e}")
+        results.put({"label": where, "error": traceback.format_exc()})
+    results.put(None)  # this worker is done
+
+
+def _run_parallel(jobs: list[dict], settings: dict, n: int, gpu: bool) -> list[dict]:
+    import multiprocessing
+    import os
+    import signal
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < n:
+        raise UserError(f"--parallel {n}: this process may use only {len(cpus)} CPU cores")
+    gpus = [None] * n
+    if gpu:
+        import tvm
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(n) if tvm.cuda(i).exist]
+        if len(gpus) < n:
+            raise UserError(f"--parallel {n}: only {len(gpus)} GPU(s) visible")
+    ctx = multiprocessing.get_context("spawn")  # fresh processes: CUDA and TVM state do not survive fork
+    queue, results = ctx.Queue(), ctx.Queue()
+    for job in jobs:
+        queue.put(job)
+    for _ in range(n):
+        queue.put(None)
+    print(f"{len(jobs)} job(s) on {n} parallel workers" + (f" (GPUs {','.join(gpus[:n])})" if gpu else ""),
+          file=sys.stderr)
+    workers = [ctx.Process(target=_worker_main, args=({"index": i, "gpu": gpus[i],
+                                                         "cpus": cpus[i * len(cpus) // n:(i + 1) * len(cpus) // n]},
+                                                        settings, queue, results)) for i in range(n)]
+    for w in workers:
+        w.start()
+    outcomes, running = [], n
+    try:
+        while running:
+            outcome = results.get()
+            if outcome is None:
+                running -= 1
+            else:
+                outcomes.append(outcome)
+    except KeyboardInterrupt:  # let each worker stop at its next round boundary, then end them
+        for w in workers:
+            if w.is_alive():
+                os.kill(w.pid, signal.SIGINT)
+        for w in workers:
+            w.join(timeout=60)
+            if w.is_alive():
+                w.terminate()
+        raise
+    for w in workers:
+        w.join()
+    return outcomes
 
 
 def finished(run: RunDir, workload, target, trials: int) -> dict | None:

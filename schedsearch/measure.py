@@ -22,6 +22,16 @@ def build_kernel(mod, target, _params):
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
+def export_shared_library(rt_mod) -> str:
+    """Link the candidate here, in the parallel build pool. The stock export writes a .tar, and the
+    runner's load_module then links it with the system compiler: ~1 s a candidate, one at a time."""
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(prefix="schedsearch-"), "candidate.so")
+    rt_mod.export_library(path)
+    return path
+
+
 @derived_object
 class WarmBuilder(ms.builder.PyBuilder):
     # Restart the pool now and then: PopenPool workers leak memory over many builds.
@@ -29,7 +39,7 @@ class WarmBuilder(ms.builder.PyBuilder):
 
     def __init__(self, max_workers: int | None = None, timeout_sec: float = 60.0):
         super().__init__()
-        self.max_workers = max_workers or max(1, os.cpu_count() or 1)
+        self.max_workers = max_workers or len(os.sched_getaffinity(0))  # this process's share of the cores
         self.timeout_sec = timeout_sec
         self._pool = None
         self._built = 0
@@ -42,7 +52,7 @@ class WarmBuilder(ms.builder.PyBuilder):
             self._built = 0
         self._built += len(build_inputs)
         results = []
-        args = [(build_kernel, None, b.mod, b.target, None) for b in build_inputs]
+        args = [(build_kernel, export_shared_library, b.mod, b.target, None) for b in build_inputs]
         for r in self._pool.map_with_error_catching(lambda a: _worker_func(*a), args):
             if r.status == StatusKind.COMPLETE:
                 results.append(ms.builder.BuilderResult(r.value, None))
@@ -89,6 +99,23 @@ def run_evaluator_capped(rt_mod, device, evaluator_config, repeated_args):
     return costs
 
 
+# Arguments: the stock runner allocates and random-fills every buffer again for each candidate. On the
+# GPU that fill runs on the host and is copied over: ~5 s a candidate for softmax's 2 GiB, far more
+# than the kernels take. The runner's worker process lives across candidates, so keep one set of
+# arguments per argument signature (the task's) and reuse it; kernels write only their outputs.
+_args: dict = {"key": None, "args": None}
+
+
+def alloc_args_cached(device, args_info, alloc_repeat):
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
+
+    key = (str(device), repr(args_info), alloc_repeat)
+    if _args["key"] != key:
+        _args.update(key=None, args=None)  # free the last task's buffers before allocating
+        _args.update(key=key, args=default_alloc_argument(device, args_info, alloc_repeat))
+    return _args["args"]
+
+
 def is_capped(run_secs) -> bool:
     return len(run_secs) == 1
 
@@ -109,4 +136,5 @@ def share_best_file(path) -> None:
 
 def make_runner(target: Target) -> ms.runner.Runner:
     return ms.runner.LocalRunner(timeout_sec=10 if target.kind.name == "cuda" else 30,
-                                 evaluator_config=evaluator_config(target), f_run_evaluator=run_evaluator_capped)
+                                 evaluator_config=evaluator_config(target), f_alloc_argument=alloc_args_cached,
+                                 f_run_evaluator=run_evaluator_capped)

@@ -122,10 +122,11 @@ def trials_to_reach(ys: list[float | None], limit: float) -> int | None:
 
 
 def band(curves: list[list[float | None]]) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Per trial: min, median, max over the seeds that have a value there."""
+    """Per trial: min, median, max over the seeds that have a value there. A seed whose search stopped
+    early keeps its best to the end: it would otherwise drop out of the median and make a step up."""
     xs, lo, med, hi = [], [], [], []
     for t in range(max((len(c) for c in curves), default=0)):
-        vals = [c[t] for c in curves if t < len(c) and c[t] is not None]
+        vals = [c[min(t, len(c) - 1)] for c in curves if c and c[min(t, len(c) - 1)] is not None]
         if vals:
             xs.append(t + 1)
             lo.append(min(vals))
@@ -416,8 +417,10 @@ def _environment(data: dict, wls: list[_Workload], peak: dict | None) -> list[tu
                               or "PyTorch")],
             ["roofline peaks", f"{_peak_text(peak)}: {peak['source']}"
              if peak else "none known for this device (give --peak-tflops and --peak-gbs)"]]
-    return [("h2", "Environment"), ("table", ["", "value"], rows), ("p", "Command:"),
-            ("code", " ".join(shlex.quote(str(c)) for c in exp["command"]))]
+    commands = exp.get("commands") or [exp["command"]]
+    return [("h2", "Environment"), ("table", ["", "value"], rows),
+            ("p", "Command:" if len(commands) == 1 else "Commands (the comparison was resumed; in order):"),
+            ("code", "\n".join(" ".join(shlex.quote(str(c)) for c in cmd) for cmd in commands))]
 
 
 def _notes(data: dict, wls: list[_Workload], peak: dict | None) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -50,7 +51,7 @@ class TrialLog(ms.measure_callback.PyMeasureCallback):
                     "task": self.task.name, "trial": self.done, "strategy": self.strategy,
                     "latency_us": us, "best_us": self.best_us, "capped": capped,
                     "error": _short_error(error) if error else None,
-                    "elapsed_s": round(time.time() - self.t0, 3),
+                    "elapsed_s": round(time.time() - self.t0, 3), "started": round(self.t0, 3),
                 }) + "\n")
         self.write_best()
         progress(self.label, self.done, self.budget, self.best_us, self.errors)
@@ -124,7 +125,7 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
         strategy = make_strategy(task)
         ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
                              search_strategy=strategy, task_name=task.name,
-                             num_threads="physical", rand_state=seed + i,
+                             num_threads=len(os.sched_getaffinity(0)), rand_state=seed + i,
                              logger=logging.getLogger("schedsearch.ms"))
         ms.tune_tasks(tasks=[ctx], task_weights=[float(task.weight)], work_dir=str(run.root),
                       max_trials_global=remaining, max_trials_per_task=remaining,
@@ -168,12 +169,13 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
     mod = frontend.import_onnx(frontend.export_onnx(workload, run.onnx), workload.shapes())
     tasks = frontend.extract_tasks(mod, target)
     _check_same_run(run, tasks={t.name: str(tvm_ffi.structural_hash(t.mod)) for t in tasks})
+    earlier_s = search_seconds(run.read_trials())  # a resumed run: what earlier invocations spent searching
     factory = strategies.make(strategy, run=run, target=target, seed=seed, **(strategy_options or {}))
     measure.share_best_file(run.root / "best_s.txt")  # before the RPC runner starts its processes
     runner = None if rpc_at is None else rpc.make_rpc_runner(*rpc_at, target, measure.evaluator_config(target))
     by_task = search(tasks, target, run, strategy, factory, trials, seed, runner=runner,
                      cost_model_file=cost_model_file, capping_runner=True)
-    tuning_s = time.time() - t0
+    tuning_s = time.time() - t0 + earlier_s
 
     database = ms.database.JSONDatabase(work_dir=str(run.database))
     executable = frontend.compile_module(mod, target, database)
@@ -193,7 +195,7 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
         "command": command or sys.argv,
         "tasks": [task_summary(t, by_task.get(t.name, [])) for t in tasks],
         **measured,
-        "tuning_wall_s": round(tuning_s, 1),
+        "tuning_wall_s": round(tuning_s, 1),  # over every invocation, when resumed
         "total_wall_s": round(time.time() - t0, 1),
     }
     if strategy_options:
@@ -202,6 +204,15 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
         results["search"] = factory.stats()
     write_json(run.results, results)
     return results
+
+
+def search_seconds(trials: list[dict]) -> float:
+    """Search time in trials.jsonl: elapsed_s counts from the start of each task in each invocation."""
+    longest: dict = {}
+    for r in trials:
+        key = (r["task"], r.get("started", "?"))
+        longest[key] = max(longest.get(key, 0.0), r["elapsed_s"])
+    return sum(longest.values())
 
 
 def task_summary(task: Task, trials: list[dict]) -> dict:
@@ -250,7 +261,7 @@ def versions() -> dict:
         try:
             import subprocess
             out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=10).stdout.strip()
+                                           capture_output=True, text=True, timeout=10).stdout.split("\n")[0].strip()
         except (OSError, subprocess.SubprocessError):
             pass
     return out

@@ -57,9 +57,17 @@ def make_inputs(workload: Workload, seed: int, distribution: str, device: str) -
     return out
 
 
-def compare(outputs: list[torch.Tensor], refs: list[torch.Tensor]) -> Check:
-    """Passes when every element is within atol=rtol=tol AND the normwise error ||out-ref||/||ref|| is
-    within tol: the elementwise test alone lets small outputs (softmax's ~1e-4) drift by 100%."""
+def compare(outputs: list[torch.Tensor], refs: list[torch.Tensor],
+            fp32_refs: list[torch.Tensor] | None = None) -> Check:
+    """Passes when every element is within rtol=tol and atol=tol*max(1, RMS(ref)) AND the normwise error
+    ||out-ref||/||ref|| is within tol: the elementwise test alone lets small outputs (softmax's ~1e-4)
+    drift by 100%. atol scales with outputs above 1 because rounding error does: fp32 puts a K=4096 dot
+    product of normal inputs (outputs ~64) ~1e-3 off the exact value, whatever the summation order.
+
+    `refs` in float64 with `fp32_refs` (PyTorch's own fp32 result): an element passes when it is within
+    tolerance of either, and the normwise test takes the nearer one, so matching PyTorch passes, as does
+    being nearer the exact value than PyTorch's fp32 result (LayerNorm on mean-1e3 rows of 4M elements).
+    The figures reported are against `refs`."""
     max_abs = max_rel = rel_l2 = tol = 0.0
     fail = lambda problem: Check(0, "", False, max_abs, max_rel, rel_l2, tol, problem)
     for i, (out, ref) in enumerate(zip(outputs, refs)):
@@ -78,12 +86,20 @@ def compare(outputs: list[torch.Tensor], refs: list[torch.Tensor]) -> Check:
         big = mag > tol
         if big.any():
             max_rel = max(max_rel, float((diff[big] / mag[big]).max()))
-        rel_l2 = max(rel_l2, float(diff.norm() / mag.norm().clamp_min(1e-30)))
-        over = diff > tol + tol * mag
+        l2 = float(diff.norm() / mag.norm().clamp_min(1e-30))
+        rel_l2 = max(rel_l2, l2)
+        atol = tol * max(1.0, float(mag.square().mean().sqrt()))
+        over = diff > atol + tol * mag
+        if fp32_refs is not None:
+            r32 = fp32_refs[i].double()[finite]
+            diff32 = (o[finite] - r32).abs()
+            over &= diff32 > atol + tol * r32.abs()
+            l2 = min(l2, float(diff32.norm() / r32.norm().clamp_min(1e-30)))
         if over.any():
-            return fail(f"output {i}: {int(over.sum())} of {diff.numel()} values outside atol=rtol={tol:g}")
-        if rel_l2 > tol:
-            return fail(f"output {i}: normwise relative error {rel_l2:.2e} > {tol:g}")
+            return fail(f"output {i}: {int(over.sum())} of {diff.numel()} values outside rtol={tol:g}, "
+                        f"atol={atol:.3g}")
+        if l2 > tol:
+            return fail(f"output {i}: normwise relative error {l2:.2e} > {tol:g}")
     return Check(0, "", True, max_abs, max_rel, rel_l2, tol)
 
 
@@ -101,15 +117,16 @@ def validate(workload: Workload, run: Callable[[list[torch.Tensor]], list[torch.
                 checks.append(Check(seed, dist, False, float("nan"), float("nan"), float("nan"), 0.0,
                                     "the kernel modified its inputs"))
                 continue
-            # fp32 outputs are judged against the program run in float64 where possible: PyTorch's
-            # own fp32 result can be the less accurate one (LayerNorm on mean-1e3 rows of 4M elements).
+            # fp32 outputs are judged against the program run in float64 and in fp32 (see compare).
             refs64 = workload.reference(before, float64=True) if all(
                 o.dtype in (torch.float32, torch.float64) for o in outputs) else None
-            refs = refs64 if refs64 is not None else workload.reference(before)
-            check = compare(outputs, [r.to(o.dtype) if refs64 is None else r for o, r in zip(outputs, refs)])
-            if refs64 is not None:
-                check.reference = "pytorch float64"
-                check.pytorch_fp32_rel_l2 = compare(workload.reference(before), refs64).rel_l2
+            refs32 = workload.reference(before)
+            if refs64 is None:
+                check = compare(outputs, [r.to(o.dtype) for o, r in zip(outputs, refs32)])
+            else:
+                check = compare(outputs, refs64, refs32)
+                check.reference = "pytorch float64 or fp32"
+                check.pytorch_fp32_rel_l2 = compare(refs32, refs64).rel_l2
             check.seed, check.distribution = seed, dist
             checks.append(check)
     return checks

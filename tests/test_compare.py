@@ -13,7 +13,7 @@ from conftest import ROOT
 from schedsearch import cli as cli_module, target as targets, workload
 from schedsearch.compare import add_commands, compare, time_baselines
 from schedsearch.errors import UserError
-from schedsearch.report import fmt_us, peak_for, roofline_us, task_curve, trials_to_reach, workload_curve
+from schedsearch.report import band, fmt_us, peak_for, roofline_us, task_curve, trials_to_reach, workload_curve
 from schedsearch.rundir import RunDir
 
 SOFTMAX, RMSNORM = str(ROOT / "workloads/level1/softmax.py"), str(ROOT / "workloads/level2/rmsnorm.py")
@@ -222,6 +222,9 @@ def test_curves_and_trials_to_reach():
     assert task_curve(trials, "a") == [9.0, 9.0, 4.0]
     assert workload_curve(trials, {"a": 1, "b": 2}) == [None, None, 19.0, 14.0, 14.0]
     assert trials_to_reach([None, 9.0, 4.0], 4.0) == 3 and trials_to_reach([9.0], 4.0) is None
+    # a seed that stopped after 2 trials keeps its best: the median does not jump to the other seed's
+    assert band([[None, 3.0], [9.0, 8.0, 7.0, 6.0], [5.0, 5.0, 5.0, 5.0]]) == (
+        [1, 2, 3, 4], [5.0, 3.0, 3.0, 3.0], [7.0, 5.0, 5.0, 5.0], [9.0, 8.0, 7.0, 6.0])
 
 
 def test_bad_arguments_are_user_errors(tmp_path, capfd):
@@ -292,3 +295,24 @@ def test_a_crashing_arm_is_reported_and_the_others_still_run(cmp_dir, tmp_path, 
     notes = (out / "report.md").read_text().split("## Notes", 1)[1]
     assert "softmax: rules seed 0 has no results (RuntimeError: the builder's worker died)" in notes
     assert "rmsnorm: ansor seed 1 has no results" in notes
+
+
+def test_parallel_workers_run_arms_in_their_own_processes(cmp_dir, tmp_path, capfd):
+    out = tmp_path / "parallel"
+    shutil.copytree(cmp_dir, out)
+    for arm in ("softmax/ansor-s1", "rmsnorm/rules-s0"):
+        shutil.rmtree(out / arm)
+    (out / "softmax/baselines.json").unlink()
+    assert cli(["compare", *ARGS, "-o", str(out), "--parallel", "2"]) == 0
+    err = capfd.readouterr().err
+    assert "3 job(s) on 2 parallel workers" in err
+    for job in ("softmax/baselines", "softmax/ansor-s1", "rmsnorm/rules-s0"):
+        started = [l for l in err.splitlines() if f"{job}: started" in l]
+        assert len(started) == 1 and started[0].startswith(("[worker 0]", "[worker 1]"))
+        assert any(l.endswith("s)") and f"{job}: done (" in l for l in err.splitlines())
+    for arm in ("softmax/ansor-s1", "rmsnorm/rules-s0"):
+        res = results(out, arm)
+        assert res["trials_per_task"] == 4 and res["validation"]["passed"]
+        assert "4/4 trials" in (out / arm / "console.log").read_text()  # the arm's progress, not the terminal's
+    assert json.loads((out / "softmax/baselines.json").read_text())["baselines"]["eager"]["median_us"] > 0
+    assert json.loads((out / "compare.json").read_text())["parallel"] == 2

@@ -1,4 +1,5 @@
-"""The runner's cap on hopeless candidates must never make a capped kernel the reported best."""
+"""The runner: the cap on hopeless candidates must never make a capped kernel the reported best;
+arguments are allocated once per task."""
 from conftest import ROOT
 from schedsearch import frontend, target as targets, workload
 from schedsearch.rundir import RunDir
@@ -24,3 +25,15 @@ def test_capped_candidates_are_never_the_best(tmp_path, monkeypatch):
         earlier = [u["latency_us"] for u in measured if u["trial"] < t["trial"] and not u["capped"]]
         assert earlier and t["latency_us"] > 1.05 * min(earlier)
     assert trials[-1]["best_us"] == best
+
+
+def test_arguments_are_allocated_once_per_task():
+    import tvm
+
+    from schedsearch.measure import alloc_args_cached
+
+    a = (("TENSOR", "float32", [4, 8]), ("TENSOR", "float32", [8]))
+    first = alloc_args_cached(tvm.cpu(0), a, 1)
+    assert alloc_args_cached(tvm.cpu(0), a, 1) is first  # the next candidate of the task: same buffers
+    other = alloc_args_cached(tvm.cpu(0), (("TENSOR", "float32", [3]),), 1)
+    assert other is not first and tuple(other[0][0].shape) == (3,)
