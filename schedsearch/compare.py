@@ -18,7 +18,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import INTERRUPTED, UserError, catch_interrupts
+from .errors import INTERRUPTED, UserError
 from .rundir import RunDir, write_json
 
 SCHEMA = 1
@@ -231,7 +231,10 @@ def _worker_main(slot: dict, settings: dict, jobs, results) -> None:
     import signal
     import time
 
-    catch_interrupts()
+    # Ctrl-C reaches every process of the terminal; the parent decides and sends SIGUSR1: stop taking
+    # jobs and end the search after the round in flight (see errors.py).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, lambda *_: INTERRUPTED.set())
     if slot["gpu"] is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = slot["gpu"]
     os.sched_setaffinity(0, slot["cpus"])
@@ -246,7 +249,7 @@ def _worker_main(slot: dict, settings: dict, jobs, results) -> None:
             raise UserError(f"GPU {slot['gpu']} differs from the first GPU: {target} vs {settings['target_str']}")
         context = {"target": target,
                    "workloads": {n: workloads.load(p, settings["size"]) for n, p in settings["workloads"].items()}}
-        while (job := jobs.get()) is not None:
+        while not INTERRUPTED.is_set() and (job := jobs.get()) is not None:
             name = "baselines" if job["kind"] == "baselines" else arm_name(job["strategy"], job["seed"])
             log = Path(settings["out"]) / job["workload"] / (f"{name}.log" if job["kind"] == "baselines"
                                                               else f"{name}/console.log")
@@ -265,13 +268,17 @@ def _worker_main(slot: dict, settings: dict, jobs, results) -> None:
                       else "error: " + outcome["user_error"] if outcome.get("user_error")
                       else "waiting for LLM responses" if outcome.get("pending") else "done")
             say(f"{job['workload']}/{name}: {status} ({time.time() - t0:.0f} s)")
-    except KeyboardInterrupt:  # the parent passes Ctrl-C on; what was measured is in the run dirs
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the goodbye below
+        if INTERRUPTED.is_set():
+            say("interrupted")
+    except KeyboardInterrupt:  # a search ended by SIGUSR1; what was measured is in the run dirs
         say("interrupted")
     except Exception as e:
         say(f"worker failed: {type(e).__name__}: {e}")
         results.put({"label": where, "error": traceback.format_exc()})
     results.put(None)  # this worker is done
+
+
+STOP_WAIT_S = 300  # a round of a slow GPU task (bad 4096³ matmul candidates) takes up to ~150 s
 
 
 def _run_parallel(jobs: list[dict], settings: dict, n: int, gpu: bool) -> list[dict]:
@@ -311,15 +318,21 @@ def _run_parallel(jobs: list[dict], settings: dict, n: int, gpu: bool) -> list[d
                 running -= 1
             else:
                 outcomes.append(outcome)
-    except KeyboardInterrupt:  # let each worker stop at its next round boundary, then end them
+    except KeyboardInterrupt:
+        print("schedsearch: waiting for the workers to end their rounds in flight (Ctrl-C again: at once)",
+              file=sys.stderr)
         for w in workers:
             if w.is_alive():
-                os.kill(w.pid, signal.SIGINT)
+                os.kill(w.pid, signal.SIGUSR1)
+        try:
+            for w in workers:
+                w.join(timeout=STOP_WAIT_S)
+        except KeyboardInterrupt:
+            pass
         for w in workers:
-            w.join(timeout=60)
             if w.is_alive():
                 w.terminate()
-        raise
+        raise KeyboardInterrupt from None
     for w in workers:
         w.join()
     return outcomes

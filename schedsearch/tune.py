@@ -17,7 +17,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
 
 from . import measure
-from .errors import UserError
+from .errors import INTERRUPTED, UserError, searching
 from .frontend import Task
 from .rundir import RunDir
 
@@ -94,10 +94,12 @@ StrategyFactory = Callable[[Task], "ms.search_strategy.SearchStrategy | str"]
 def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_name: str,
            make_strategy: StrategyFactory, trials: int, seed: int = 0,
            runner: ms.runner.Runner | None = None, builder: ms.builder.Builder | None = None,
-           cost_model_file: Path | None = None, capping_runner: bool | None = None) -> dict[str, dict]:
+           cost_model_file: Path | None = None, capping_runner: bool | None = None,
+           stop: Callable[[], bool] | None = None) -> dict[str, dict]:
     """Give each task `trials` hardware measurements in total (earlier runs in `run` count).
     `runner`/`builder`: where candidates are measured/built (default: measure.py's, on this machine);
-    `capping_runner`: whether `runner` measures with measure.run_evaluator_capped (ours do)."""
+    `capping_runner`: whether `runner` measures with measure.run_evaluator_capped (ours do);
+    `stop`: asked before each round; True ends the search there (Ctrl-C does too, then raises)."""
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
     _log_to_file(run.log)
@@ -123,22 +125,58 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
                        capping_runner)
         log.write_best()
         strategy = make_strategy(task)
+        if isinstance(strategy, str):
+            strategy = ms.search_strategy.SearchStrategy.create(strategy)
+        stoppable = Stoppable(strategy, lambda: INTERRUPTED.is_set() or (stop is not None and stop()))
         ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
-                             search_strategy=strategy, task_name=task.name,
+                             search_strategy=stoppable, task_name=task.name,
                              num_threads=len(os.sched_getaffinity(0)), rand_state=seed + i,
                              logger=logging.getLogger("schedsearch.ms"))
-        ms.tune_tasks(tasks=[ctx], task_weights=[float(task.weight)], work_dir=str(run.root),
-                      max_trials_global=remaining, max_trials_per_task=remaining,
-                      num_trials_per_iter=min(64, remaining), builder=builder, runner=runner,
-                      database=database, cost_model=cost_model,
-                      measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), log],
-                      task_scheduler="round-robin")
+        with searching():
+            ms.tune_tasks(tasks=[ctx], task_weights=[float(task.weight)], work_dir=str(run.root),
+                          max_trials_global=remaining, max_trials_per_task=remaining,
+                          num_trials_per_iter=min(64, remaining), builder=builder, runner=runner,
+                          database=database, cost_model=cost_model,
+                          measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), log],
+                          task_scheduler="round-robin")
+        if INTERRUPTED.is_set():
+            raise KeyboardInterrupt
         if getattr(strategy, "error", None) is not None:
             raise strategy.error
+        if stoppable.stopped:
+            break
         if log.done < trials:  # the space ran dry before the budget: say so instead of looping
             print(f"{log.label} search stopped after {log.done} trials: no new candidates", file=sys.stderr)
     cost_model.save(str(run.root / "cost_model.tar"))  # reusable with --cost-model on the same device
     return trials_done(run)
+
+
+@derived_object
+class Stoppable(ms.search_strategy.PySearchStrategy):
+    """A search strategy, unchanged, except that it proposes nothing more once `stop()` is true: the
+    round in flight is measured and recorded, and the task scheduler ends the search."""
+
+    def __init__(self, inner, stop: Callable[[], bool]):
+        self.inner, self.stop, self.stopped = inner, stop, False
+
+    def _initialize_with_tune_context(self, context) -> None:
+        self.inner._initialize_with_tune_context(context)
+
+    def pre_tuning(self, *args) -> None:
+        self.inner.pre_tuning(*args)
+
+    def post_tuning(self) -> None:
+        self.inner.post_tuning()
+
+    def generate_measure_candidates(self):
+        self.stopped = self.stopped or self.stop()
+        return None if self.stopped else self.inner.generate_measure_candidates()
+
+    def notify_runner_results(self, *args) -> None:
+        self.inner.notify_runner_results(*args)
+
+    def clone(self):
+        return Stoppable(self.inner.clone(), self.stop)
 
 
 def _log_to_file(path: Path) -> None:

@@ -316,3 +316,28 @@ def test_parallel_workers_run_arms_in_their_own_processes(cmp_dir, tmp_path, cap
         assert "4/4 trials" in (out / arm / "console.log").read_text()  # the arm's progress, not the terminal's
     assert json.loads((out / "softmax/baselines.json").read_text())["baselines"]["eager"]["median_us"] > 0
     assert json.loads((out / "compare.json").read_text())["parallel"] == 2
+
+
+def test_sigint_ends_parallel_searches_after_their_round_and_keeps_it(tmp_path):
+    """As `timeout -s INT` does on the GPU machine: SIGINT to the parent alone, mid-search."""
+    import signal
+    import sys
+    import time
+
+    out = tmp_path / "interrupted"
+    argv = [sys.executable, "-m", "schedsearch", "compare", SOFTMAX, "--size", "small", "--strategies", "ansor",
+            "--trials", "640", "--seeds", "2", "--target", "llvm", "--validation-seeds", "1", "--repeats", "3",
+            "--no-compile-baselines", "--parallel", "2", "-o", str(out)]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    logs = [out / "softmax" / f"ansor-s{k}" / "trials.jsonl" for k in (0, 1)]
+    deadline = time.time() + 600
+    while not all(p.is_file() for p in logs) and time.time() < deadline:  # both arms past their first round
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 130, err[-2000:]
+    assert "waiting for the workers to end their rounds" in err and "interrupted" in err
+    assert "FAILED" not in err and "Segfault" not in err and not list(out.glob("softmax/*/error.txt"))
+    for p in logs:  # each search ended after its round in flight, far short of the budget: resumable
+        n = len(RunDir(p.parent).read_trials())
+        assert 0 < n < 640 and not (p.parent / "results.json").exists(), (n, err[-2000:])

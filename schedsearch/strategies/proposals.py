@@ -35,6 +35,12 @@ class Outcome:
     latency_us: float | None = None
 
 
+# Proposals asked for per round at least: with a few trials left (a resumed run) and the best
+# programs' neighbours already measured, a handful of proposals can all be duplicates (seen on
+# the H100: 4 trials left of 128, three empty rounds, the search stopped at 124).
+MIN_PROPOSALS = 32
+
+
 @dataclass
 class TaskView:
     """Everything a proposer may look at for one round of one task."""
@@ -134,7 +140,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
             self.round += 1
             view = TaskView(self.context.task_name, self.context.mod.script(), self.target_facts, self.sketches,
                             self.measured[:HISTORY_FOR_PROMPT], self.rejected[-HISTORY_FOR_PROMPT:], self.round,
-                            want * self.oversample, self.rng, self.context.mod)
+                            max(want * self.oversample, MIN_PROPOSALS), self.rng, self.context.mod)
             t_propose = time.time()
             try:
                 proposals = self.proposer.propose(view)
