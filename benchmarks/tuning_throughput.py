@@ -6,9 +6,9 @@ in one process on one machine. The ratio means nothing if the best latency drops
                                            [--only stock|schedsearch] [--json OUT.json]
 
 --only runs one arm (e.g. the two arms at once on two GPUs of one host, each with its own share of
-the cores: merge with --merge A.json B.json). --deadline stops an arm after S seconds of tuning and
-reports the trials it finished: the best of each arm is then also compared at the trial count both
-reached.
+the cores: merge with --merge A.json B.json). --deadline S: an arm starts no new round after S seconds
+and reports the trials it finished; the table then also compares each arm's best at the trial count
+both reached.
 """
 import argparse
 import json
