@@ -128,3 +128,18 @@ def test_onnx_workload_with_input_shape(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["workload"]["inputs"] == [{"name": "x", "shape": [4, 8], "dtype": "float32"}]
     assert res["validation"]["passed"] and "torch_eager" not in res["timing"]
+
+
+def test_a_proposal_round_asks_for_enough_programs_when_few_trials_are_left(tmp_path, monkeypatch):
+    """With 2 trials left, 2 x oversample proposals can all be duplicates: a round asks for MIN_PROPOSALS."""
+    from schedsearch import strategies
+    from schedsearch.strategies import proposals, rules
+    from schedsearch.tune import search
+
+    asked, propose = [], rules.RuleProposer.propose
+    monkeypatch.setattr(rules.RuleProposer, "propose", lambda self, view: asked.append(view.want) or propose(self, view))
+    wl, target = workload.load(SOFTMAX, "small"), targets.resolve("llvm")
+    run = RunDir(tmp_path / "run").create()
+    [task] = frontend.extract_tasks(frontend.import_onnx(frontend.export_onnx(wl, run.onnx)), target)
+    search([task], target, run, "rules", strategies.make("rules", run=run, target=target, seed=0), trials=2)
+    assert asked and min(asked) == proposals.MIN_PROPOSALS and len(run.read_trials()) == 2
