@@ -3,15 +3,21 @@
 Stock `LocalBuilder` starts a fresh process pool on every build call, and each fresh worker
 imports `tvm.s_tir.tensor_intrin` (~18 s). `WarmBuilder` keeps one pool alive and builds
 without that import (schedules here never reference tensor intrinsics by name at build time).
+On a GPU, `WarmRunner` measures each candidate as soon as it is built.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import os
+import subprocess
 
+import tvm
 from tvm.s_tir import meta_schedule as ms
-from tvm.s_tir.meta_schedule.builder.local_builder import _worker_func
+from tvm.s_tir.meta_schedule.builder.local_builder import _worker_func as _build_worker_func
+from tvm.s_tir.meta_schedule.runner.local_runner import _worker_func as _run_worker_func
 from tvm.ir.utils import derived_object
-from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+from tvm.support.popen_pool import PopenPoolExecutor
 from tvm.target import Target
 
 
@@ -35,12 +41,16 @@ def export_shared_library(rt_mod) -> str:
 
 @derived_object
 class WarmBuilder(ms.builder.PyBuilder):
+    """One pool of build workers for the whole search. Given a runner that overlaps (WarmRunner on a
+    GPU), each candidate goes to the runner as soon as it is built, while the rest still build."""
+
     # Restart the pool now and then: PopenPool workers leak memory over many builds.
     RECYCLE_AFTER = 2000
 
-    def __init__(self, max_workers: int | None = None, timeout_sec: float = 60.0):
+    def __init__(self, runner: "WarmRunner | None" = None, timeout_sec: float = 60.0):
         super().__init__()
-        self.max_workers = max_workers or len(os.sched_getaffinity(0))  # this process's share of the cores
+        self.runner = runner if runner is not None and runner.overlap else None
+        self.cores = self.runner.build_cores if self.runner else sorted(os.sched_getaffinity(0))
         self.timeout_sec = timeout_sec
         self._pool = None
         self._built = 0
@@ -49,23 +59,27 @@ class WarmBuilder(ms.builder.PyBuilder):
         if self._pool is None or self._built >= self.RECYCLE_AFTER:
             if self._pool is not None:
                 self._pool.shutdown()
-            self._pool = PopenPoolExecutor(max_workers=self.max_workers, timeout=self.timeout_sec)
+            self._pool = PopenPoolExecutor(max_workers=len(self.cores), timeout=self.timeout_sec,
+                                           initializer=functools.partial(os.sched_setaffinity, 0, self.cores))
             self._built = 0
         self._built += len(build_inputs)
-        results = []
-        args = [(build_kernel, export_shared_library, b.mod, b.target, None) for b in build_inputs]
-        for r in self._pool.map_with_error_catching(lambda a: _worker_func(*a), args):
-            if r.status == StatusKind.COMPLETE:
-                results.append(ms.builder.BuilderResult(r.value, None))
-            elif r.status == StatusKind.TIMEOUT:
-                results.append(ms.builder.BuilderResult(None, f"build timed out after {self.timeout_sec} s"))
-            else:
-                results.append(ms.builder.BuilderResult(None, f"build failed: {r.value}"))
-        return results
+        if self.runner:
+            self.runner.forget_started()
+        futures = {self._pool.submit(_build_worker_func, build_kernel, export_shared_library, b.mod, b.target, None): b
+                   for b in build_inputs}
+        if self.runner:
+            for future in concurrent.futures.as_completed(futures):
+                if future.exception() is None:
+                    self.runner.start(future.result(), ms.arg_info.ArgInfo.from_entry_func(futures[future].mod, True))
+        return [self._result(f) for f in futures]
 
-
-def make_builder() -> ms.builder.Builder:
-    return WarmBuilder()
+    def _result(self, future) -> ms.builder.BuilderResult:
+        try:
+            return ms.builder.BuilderResult(future.result(), None)
+        except TimeoutError:
+            return ms.builder.BuilderResult(None, f"build timed out after {self.timeout_sec} s")
+        except Exception as e:  # the worker's exception, as the stock builder reports it
+            return ms.builder.BuilderResult(None, f"build failed: {e}")
 
 
 # Hopeless candidates: after one call, a kernel already CAP_FACTOR times slower than the best full
@@ -136,7 +150,59 @@ def share_best_file(path) -> None:
     os.environ[BEST_FILE_ENV] = str(path)
 
 
-def make_runner(target: Target) -> ms.runner.Runner:
-    return ms.runner.LocalRunner(timeout_sec=10 if target.kind.name == "cuda" else 30,
-                                 evaluator_config=evaluator_config(target), f_alloc_argument=alloc_args_cached,
-                                 f_run_evaluator=run_evaluator_capped)
+@derived_object
+class WarmRunner(ms.runner.PyRunner):
+    """Runs candidates one after another in one worker process that lives across candidates (one device,
+    arguments cached). On a GPU the runs overlap the build (WarmBuilder hands candidates over as they
+    are built): the worker gets a core of its own and the build pool the rest, so kernel launches do
+    not queue behind the builds. On a CPU target the builds would disturb the timings, so there runs
+    start after the whole build, as the stock runner does."""
+
+    def __init__(self, target: Target, timeout_sec: float | None = None, overlap: bool | None = None):
+        super().__init__()
+        self.timeout_sec = timeout_sec or (10 if target.kind.name == "cuda" else 30)
+        self.config = evaluator_config(target)
+        self.device_type = str(tvm.runtime.device(target.get_target_device_type(), 0)).split(":")[0]  # as the tuner says it
+        cores = sorted(os.sched_getaffinity(0))
+        self.overlap = (target.kind.name == "cuda" if overlap is None else overlap) and len(cores) > 1
+        run_cores, self.build_cores = (cores[:1], cores[1:]) if self.overlap else (cores, cores)
+        self.pool = PopenPoolExecutor(max_workers=1, timeout=self.timeout_sec, stderr=subprocess.DEVNULL,
+                                      initializer=functools.partial(os.sched_setaffinity, 0, run_cores))
+        self._started: dict = {}  # artifact path -> (device type, args, future)
+
+    def start(self, artifact_path: str, args_info) -> None:
+        """Start running a built candidate now, before the tuner asks."""
+        args = tuple(a.as_json() for a in args_info)
+        self._started[artifact_path] = (self.device_type, args, self._submit(artifact_path, self.device_type, args))
+
+    def forget_started(self) -> None:
+        self._started.clear()
+
+    def _submit(self, artifact_path, device_type, args):
+        return self.pool.submit(_run_worker_func, alloc_args_cached, run_evaluator_capped, None, self.config, 1,
+                                artifact_path, device_type, args)
+
+    def run(self, runner_inputs):
+        futures = []
+        for r in runner_inputs:
+            path, device_type = str(r.artifact_path), str(r.device_type)
+            args = tuple(a.as_json() for a in r.args_info)
+            started = self._started.pop(path, None)
+            same = started is not None and started[:2] == (device_type, args)
+            futures.append(started[2] if same else self._submit(path, device_type, args))
+        return [self._result(f) for f in futures]
+
+    def _result(self, future):
+        from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
+
+        try:
+            return LocalRunnerFuture(res=future.result(), error_message=None)
+        except TimeoutError:
+            return LocalRunnerFuture(error_message=f"LocalRunner: Timeout, killed after {self.timeout_sec} seconds\n")
+        except Exception as e:  # the worker's exception, worded as the stock runner words it
+            return LocalRunnerFuture(error_message="LocalRunner: An exception occurred\n" + str(e))
+
+
+def make_builder_and_runner(target: Target, overlap: bool | None = None) -> tuple[WarmBuilder, WarmRunner]:
+    runner = WarmRunner(target, overlap=overlap)
+    return WarmBuilder(runner), runner

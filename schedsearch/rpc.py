@@ -145,7 +145,7 @@ def make_rpc_runner(host: str, port: int, key: str, target, evaluator_config,
     from tvm.s_tir import meta_schedule as ms
     from tvm.support.popen_pool import PopenPoolExecutor
 
-    timeout = session_timeout_sec or (10 if target.kind.name == "cuda" else 30)  # as measure.make_runner
+    timeout = session_timeout_sec or (10 if target.kind.name == "cuda" else 30)  # as measure.WarmRunner
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
                                  session_timeout_sec=timeout)
     workers = max_workers or wait_for_workers(config, limit_s=wait_s)

@@ -30,7 +30,7 @@ class TrialLog(ms.measure_callback.PyMeasureCallback):
                  done: int, budget: int, best_us: float | None, best_file: Path, capping_runner: bool):
         super().__init__()
         self.run, self.task, self.strategy, self.best_file = run, task, strategy, best_file
-        self.capping_runner = capping_runner  # measure.make_runner's: only it caps (and says so)
+        self.capping_runner = capping_runner  # measure.WarmRunner: only it caps (and says so)
         self.label = f"[{task_index + 1}/{n_tasks} {task.name}]"
         self.done, self.budget, self.best_us, self.errors = done, budget, best_us, 0
         self.t0 = time.time()
@@ -107,7 +107,9 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     best_file = run.root / "best_s.txt"  # the running task's best, for the runner's cap
     capping_runner = runner is None if capping_runner is None else capping_runner
     measure.share_best_file(best_file)
-    builder, runner = builder or measure.make_builder(), runner or measure.make_runner(target)
+    if runner is None:
+        builder, runner = (builder, measure.WarmRunner(target)) if builder else measure.make_builder_and_runner(target)
+    builder = builder or measure.WarmBuilder()
     cost_model = ms.cost_model.XGBModel(adaptive_training=True)
     if cost_model_file is not None:  # a model trained elsewhere (same device): a warm start for every task
         if not Path(cost_model_file).is_file():

@@ -1,5 +1,7 @@
 """The runner: the cap on hopeless candidates must never make a capped kernel the reported best;
 arguments are allocated once per task."""
+import os
+
 from conftest import ROOT
 from schedsearch import frontend, target as targets, workload
 from schedsearch.rundir import RunDir
@@ -37,3 +39,32 @@ def test_arguments_are_allocated_once_per_task():
     assert alloc_args_cached(tvm.cpu(0), a, 1) is first  # the next candidate of the task: same buffers
     other = alloc_args_cached(tvm.cpu(0), (("TENSOR", "float32", [3]),), 1)
     assert other is not first and tuple(other[0][0].shape) == (3,)
+
+
+def test_builder_hands_each_built_candidate_to_an_overlapping_runner(tmp_path):
+    """On a GPU runs start while the rest of the batch builds; forced on here (LLVM) to check the hand-over:
+    each built candidate is started by the builder, and run() returns those runs for the right inputs."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from schedsearch.measure import WarmBuilder, WarmRunner
+
+    wl = workload.load(ROOT / "workloads/level1/matmul.py", "small")
+    target = targets.resolve("llvm")
+    [task] = frontend.extract_tasks(frontend.import_onnx(frontend.export_onnx(wl, tmp_path / "m.onnx")), target)
+    runner = WarmRunner(target, overlap=True)
+    builder = WarmBuilder(runner)
+    assert runner.overlap and builder.cores == runner.build_cores  # all cores but the runner's
+    assert len(builder.cores) == len(os.sched_getaffinity(0)) - 1
+    submitted, submit = [], runner.pool.submit
+    runner.pool.submit = lambda *a: submitted.append(a) or submit(*a)
+    built = builder.build([ms.builder.BuilderInput(task.mod, target)] * 3)
+    paths = [b.artifact_path for b in built]
+    assert all(b.error_msg is None for b in built) and len(set(paths)) == 3
+    assert set(runner._started) == set(paths)  # started by the builder, before anyone called run()
+    started = {p: runner._started[p][2] for p in paths}
+    args = ms.arg_info.ArgInfo.from_entry_func(task.mod, True)
+    results = [f.result() for f in runner.run([ms.runner.RunnerInput(p, runner.device_type, args) for p in paths])]
+    assert all(r.error_msg is None and len(r.run_secs) >= 1 for r in results)
+    assert not runner._started and all(f.done() for f in started.values())
+    assert len(submitted) == 3  # run() took the started runs, none ran twice
+    assert not WarmRunner(target).overlap  # on a CPU target runs wait for the build, as stock's do
