@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import logging
 import os
 import subprocess
+import time
 
 import tvm
 from tvm.s_tir import meta_schedule as ms
@@ -65,12 +67,18 @@ class WarmBuilder(ms.builder.PyBuilder):
         self._built += len(build_inputs)
         if self.runner:
             self.runner.forget_started()
+        t0 = time.time()
         futures = {self._pool.submit(_build_worker_func, build_kernel, export_shared_library, b.mod, b.target, None): b
                    for b in build_inputs}
-        if self.runner:
-            for future in concurrent.futures.as_completed(futures):
-                if future.exception() is None:
-                    self.runner.start(future.result(), ms.arg_info.ArgInfo.from_entry_func(futures[future].mod, True))
+        done_s = []
+        for future in concurrent.futures.as_completed(futures):
+            done_s.append(time.time() - t0)
+            if self.runner and future.exception() is None:
+                self.runner.start(future.result(), ms.arg_info.ArgInfo.from_entry_func(futures[future].mod, True))
+        if done_s:  # a round waits for its slowest build: the log shows how far the last ones trail the rest
+            logging.getLogger("schedsearch.ms").info(
+                "built %d candidates on %d workers: half after %.1f s, 90%% after %.1f s, all after %.1f s",
+                len(done_s), len(self.cores), done_s[len(done_s) // 2], done_s[int(0.9 * (len(done_s) - 1))], done_s[-1])
         return [self._result(f) for f in futures]
 
     def _result(self, future) -> ms.builder.BuilderResult:

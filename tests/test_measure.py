@@ -27,6 +27,7 @@ def test_capped_candidates_are_never_the_best(tmp_path, monkeypatch):
         earlier = [u["latency_us"] for u in measured if u["trial"] < t["trial"] and not u["capped"]]
         assert earlier and t["latency_us"] > 1.05 * min(earlier)
     assert trials[-1]["best_us"] == best
+    assert "built 24 candidates on" in run.log.read_text()  # how long the round's builds trailed
 
 
 def test_arguments_are_allocated_once_per_task():
