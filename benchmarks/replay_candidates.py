@@ -1,0 +1,84 @@
+"""Stock MetaSchedule's builder/runner vs ours on the same kernels: the candidates of an earlier run
+(its database), built and measured in rounds of 64 by each, with no search. A whole search's trials
+per minute also depend on the kernels it happens to propose (their compile cost varies 100x); this
+compares the builder and runner alone.
+
+    python benchmarks/replay_candidates.py RUN_DIR/database [--target auto|llvm|cuda] [--only stock|schedsearch]
+                                           [--limit N] [--json OUT.json]
+"""
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import tvm
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.schedule import Schedule
+
+from schedsearch import measure, target as targets
+from schedsearch.report import fmt_us, table
+
+ROUND = 64
+
+
+def replay(arm: str, records, target, cores: int) -> dict:
+    if arm == "stock":
+        builder, runner = ms.builder.LocalBuilder(max_workers=cores), ms.runner.LocalRunner()
+    else:
+        builder, runner = measure.make_builder_and_runner(target)
+    device_type = str(tvm.runtime.device(target.get_target_device_type(), 0)).split(":")[0]
+    best_file = Path(tempfile.mkdtemp()) / "best_s.txt"
+    measure.share_best_file(best_file)  # read by our runner's workers when they start
+    os.environ["CUDA_CACHE_PATH"] = str(best_file.parent / "cuda-cache")  # compile every kernel afresh
+    build_s = run_s = 0.0
+    latencies, errors = [], 0
+    for start in range(0, len(records), ROUND):
+        mods = []
+        for r in records[start:start + ROUND]:
+            sch = Schedule(r.workload.mod)
+            r.trace.apply_to_schedule(sch, remove_postproc=False)
+            mods.append(sch.mod)
+        t0 = time.time()
+        built = builder.build([ms.builder.BuilderInput(m, target) for m in mods])
+        t1 = time.time()
+        inputs = [ms.runner.RunnerInput(b.artifact_path, device_type, ms.arg_info.ArgInfo.from_entry_func(m, True))
+                  for b, m in zip(built, mods) if b.error_msg is None]
+        results = [f.result() for f in runner.run(inputs)]
+        build_s, run_s = build_s + t1 - t0, run_s + time.time() - t1
+        errors += len(mods) - len(inputs) + sum(r.error_msg is not None for r in results)
+        latencies += [1e6 * sum(map(float, r.run_secs)) / len(r.run_secs) for r in results if r.error_msg is None]
+        best = min(latencies, default=None)
+        if best is not None:
+            best_file.write_text(repr(best * 1e-6))
+        print(f"{arm}: {start + len(mods)}/{len(records)} candidates, {build_s + run_s:.0f} s", flush=True)
+    return {"arm": arm, "candidates": len(records), "build_s": round(build_s, 1), "run_s": round(run_s, 1),
+            "errors": errors, "best_us": min(latencies, default=None), "device": targets.facts(target)["name"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("database")
+    p.add_argument("--target", default="auto")
+    p.add_argument("--only", choices=["stock", "schedsearch"])
+    p.add_argument("--limit", type=int, help="the first N candidates only")
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args()
+    import tvm.s_tir.tensor_intrin  # noqa: F401  stock's builder workers need it; import once, outside the timing
+
+    target = targets.resolve(args.target)
+    records = ms.database.JSONDatabase(work_dir=args.database).get_all_tuning_records()[:args.limit]
+    cores = len(os.sched_getaffinity(0))
+    rows = [replay(arm, records, target, cores) for arm in ([args.only] if args.only else ["stock", "schedsearch"])]
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows))
+    print(f"{len(records)} candidates of {args.database} on {rows[0]['device']}, {cores} cores, rounds of {ROUND}")
+    print(table(["builder/runner", "build", "run", "candidates/min", "best", "errors"],
+                [[r["arm"], f"{r['build_s']:.0f} s", f"{r['run_s']:.0f} s",
+                  f"{60 * r['candidates'] / (r['build_s'] + r['run_s']):.1f}", fmt_us(r["best_us"]), r["errors"]]
+                 for r in rows]))
+
+
+if __name__ == "__main__":
+    main()
