@@ -13,10 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import tvm
 from tvm.s_tir import meta_schedule as ms
-from tvm.s_tir.schedule import Schedule
 
+from compile_work import scheduled
 from schedsearch import measure, target as targets
 from schedsearch.report import fmt_us, table
 
@@ -28,18 +27,14 @@ def replay(arm: str, records, target, cores: int) -> dict:
         builder, runner = ms.builder.LocalBuilder(max_workers=cores), ms.runner.LocalRunner()
     else:
         builder, runner = measure.make_builder_and_runner(target)
-    device_type = str(tvm.runtime.device(target.get_target_device_type(), 0)).split(":")[0]
+    device_type = measure.device_type(target)
     best_file = Path(tempfile.mkdtemp()) / "best_s.txt"
     measure.share_best_file(best_file)  # read by our runner's workers when they start
     os.environ["CUDA_CACHE_PATH"] = str(best_file.parent / "cuda-cache")  # compile every kernel afresh
     build_s = run_s = 0.0
     latencies, errors = [], 0
     for start in range(0, len(records), ROUND):
-        mods = []
-        for r in records[start:start + ROUND]:
-            sch = Schedule(r.workload.mod)
-            r.trace.apply_to_schedule(sch, remove_postproc=False)
-            mods.append(sch.mod)
+        mods = [scheduled(r) for r in records[start:start + ROUND]]
         t0 = time.time()
         built = builder.build([ms.builder.BuilderInput(m, target) for m in mods])
         t1 = time.time()

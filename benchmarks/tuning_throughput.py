@@ -14,6 +14,7 @@ its last measurement), split into the search strategy, build (for ours: while th
 overlap it) and run (what the runner adds after the build).
 """
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -92,6 +93,15 @@ def main() -> None:
     report(rows)
 
 
+@contextlib.contextmanager
+def adding_seconds(spent: dict, key: str):
+    t0 = time.time()
+    try:
+        yield
+    finally:
+        spent[key] += time.time() - t0
+
+
 @derived_object
 class TimedBuilder(ms.builder.PyBuilder):
     def __init__(self, inner, spent: dict):
@@ -99,11 +109,8 @@ class TimedBuilder(ms.builder.PyBuilder):
         self.inner, self.spent = inner, spent
 
     def build(self, build_inputs):
-        t0 = time.time()
-        try:
+        with adding_seconds(self.spent, "build_s"):
             return self.inner.build(build_inputs)
-        finally:
-            self.spent["build_s"] += time.time() - t0
 
 
 @derived_object
@@ -113,11 +120,8 @@ class TimedRunner(ms.runner.PyRunner):
         self.inner, self.spent = inner, spent
 
     def run(self, runner_inputs):
-        t0 = time.time()
-        try:  # both runners return finished futures
+        with adding_seconds(self.spent, "run_s"):  # both runners return finished futures
             return self.inner.run(runner_inputs)
-        finally:
-            self.spent["run_s"] += time.time() - t0
 
 
 def seconds_at(trials: list[dict]) -> list[float]:

@@ -65,8 +65,6 @@ class WarmBuilder(ms.builder.PyBuilder):
                                            initializer=functools.partial(os.sched_setaffinity, 0, self.cores))
             self._built = 0
         self._built += len(build_inputs)
-        if self.runner:
-            self.runner.forget_started()
         t0 = time.time()
         futures = {self._pool.submit(_build_worker_func, build_kernel, export_shared_library, b.mod, b.target, None): b
                    for b in build_inputs}
@@ -158,6 +156,11 @@ def share_best_file(path) -> None:
     os.environ[BEST_FILE_ENV] = str(path)
 
 
+def device_type(target: Target) -> str:
+    """The device name the tuner gives the runner for this target ("cpu" for llvm, "cuda")."""
+    return str(tvm.runtime.device(target.get_target_device_type(), 0)).split(":")[0]
+
+
 @derived_object
 class WarmRunner(ms.runner.PyRunner):
     """Runs candidates one after another in one worker process that lives across candidates (one device,
@@ -170,7 +173,7 @@ class WarmRunner(ms.runner.PyRunner):
         super().__init__()
         self.timeout_sec = timeout_sec or (10 if target.kind.name == "cuda" else 30)
         self.config = evaluator_config(target)
-        self.device_type = str(tvm.runtime.device(target.get_target_device_type(), 0)).split(":")[0]  # as the tuner says it
+        self.device_type = device_type(target)
         cores = sorted(os.sched_getaffinity(0))
         self.overlap = (target.kind.name == "cuda" if overlap is None else overlap) and len(cores) > 1
         run_cores, self.build_cores = (cores[:1], cores[1:]) if self.overlap else (cores, cores)
@@ -182,9 +185,6 @@ class WarmRunner(ms.runner.PyRunner):
         """Start running a built candidate now, before the tuner asks."""
         args = tuple(a.as_json() for a in args_info)
         self._started[artifact_path] = (self.device_type, args, self._submit(artifact_path, self.device_type, args))
-
-    def forget_started(self) -> None:
-        self._started.clear()
 
     def _submit(self, artifact_path, device_type, args):
         return self.pool.submit(_run_worker_func, alloc_args_cached, run_evaluator_capped, None, self.config, 1,
