@@ -7,7 +7,6 @@ and a search's trials per minute follow.
 """
 import argparse
 import functools
-import re
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 
@@ -17,6 +16,7 @@ from tvm.s_tir.schedule import Schedule
 
 from cuda_compile import compile_one
 from sample_validity import H100
+from schedsearch import measure
 
 
 def scheduled(record) -> tvm.IRModule:
@@ -28,7 +28,7 @@ def scheduled(record) -> tvm.IRModule:
 
 def source_of(record) -> tuple[str, int]:
     mod = scheduled(record)
-    unroll = max(map(int, re.findall(r'"pragma_auto_unroll_max_step": (\d+)', mod.script())), default=0)
+    unroll = measure.unroll_step(mod)
     target = tvm.target.Target(H100, host={"kind": "llvm"})
     with target:
         return tvm.build(mod, target=target).imports[0].inspect_source(), unroll

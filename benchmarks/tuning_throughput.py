@@ -4,6 +4,7 @@ in one process on one machine. The ratio means nothing if the best latency drops
     python benchmarks/tuning_throughput.py [--workload workloads/level1/matmul.py] [--size small]
                                            [--trials 64] [--target auto|llvm|cuda] [--deadline S]
                                            [--only stock|schedsearch] [--json OUT.json] [--run-dir DIR]
+                                           [--no-overlap] [--no-defer]
 
 --only runs one arm (e.g. the two arms at once on two GPUs of one host, each with its own share of
 the cores: merge with --merge A.json B.json). --deadline S: an arm starts no new round after S seconds
@@ -11,7 +12,7 @@ and reports the trials it finished; the table then also compares both arms at th
 reached. --run-dir keeps each arm's run (DIR/<arm>): run again with it to go on where a deadline
 stopped, counting the time of every invocation. Time is search time (from the start of the search to
 its last measurement), split into the search strategy, build (for ours: while the first runs already
-overlap it) and run (what the runner adds after the build).
+overlap it, and the wait for deferred stragglers at the end) and run (what the runner adds after the build).
 """
 import argparse
 import contextlib
@@ -43,6 +44,7 @@ def main() -> None:
     p.add_argument("--json", help="write the measured rows here")
     p.add_argument("--run-dir", help="keep the arms' runs here and resume them")
     p.add_argument("--no-overlap", action="store_true", help="ours: run candidates only after the whole build")
+    p.add_argument("--no-defer", action="store_true", help="ours: every round waits for its slowest build")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="print the table of arms measured by earlier --json runs")
     args = p.parse_args()
     if args.merge:
@@ -57,7 +59,8 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))  # both arms build on the same share of the cores
     make = {
         "stock": lambda: (ms.builder.LocalBuilder(max_workers=cores), ms.runner.LocalRunner()),
-        "schedsearch": lambda: measure.make_builder_and_runner(target, overlap=False if args.no_overlap else None),
+        "schedsearch": lambda: measure.make_builder_and_runner(target, overlap=False if args.no_overlap else None,
+                                                               defer_stragglers=not args.no_defer),
     }
     rows = []
     for name in [args.only] if args.only else ARMS:
@@ -75,7 +78,8 @@ def main() -> None:
         phases.write_text(json.dumps(spent))
         trials = run.read_trials()
         wall = search_seconds(trials)
-        arm = name + (" (no overlap)" if name == "schedsearch" and args.no_overlap else "")
+        off = [what for what, on in [("overlap", args.no_overlap), ("deferral", args.no_defer)] if on]
+        arm = name + "".join(f" (no {what})" for what in off if name == "schedsearch")
         rows.append({"arm": arm, "task": task.name, "workload": wl.name, "size": wl.size,
                      "device": targets.facts(target)["name"], "seed": args.seed, "budget": args.trials,
                      "stopped_by_deadline": len(trials) < args.trials,
@@ -111,6 +115,14 @@ class TimedBuilder(ms.builder.PyBuilder):
     def build(self, build_inputs):
         with adding_seconds(self.spent, "build_s"):
             return self.inner.build(build_inputs)
+
+    def start_workers(self):  # ours: before the first round (measure.WarmBuilder)
+        if hasattr(self.inner, "start_workers"):
+            self.inner.start_workers()
+
+    def take_late(self, wait=False):  # ours: deferred stragglers (measure.WarmBuilder)
+        with adding_seconds(self.spent, "build_s"):
+            return self.inner.take_late(wait) if hasattr(self.inner, "take_late") else []
 
 
 @derived_object

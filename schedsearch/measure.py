@@ -11,6 +11,7 @@ import concurrent.futures
 import functools
 import logging
 import os
+import re
 import subprocess
 import time
 
@@ -30,6 +31,11 @@ def build_kernel(mod, target, _params):
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
+def _import_build_modules() -> None:
+    from tvm.driver import build  # noqa: F401
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # noqa: F401
+
+
 def export_shared_library(rt_mod) -> str:
     """Link the candidate here, in the parallel build pool. The stock export writes a .tar, which the
     runner's load_module links, one candidate at a time (CPU box, small matmul: 18 ms a load against
@@ -44,40 +50,103 @@ def export_shared_library(rt_mod) -> str:
 @derived_object
 class WarmBuilder(ms.builder.PyBuilder):
     """One pool of build workers for the whole search. Given a runner that overlaps (WarmRunner on a
-    GPU), each candidate goes to the runner as soon as it is built, while the rest still build."""
+    GPU), each candidate goes to the runner as soon as it is built, while the rest still build, and a
+    round does not wait for its stragglers: once 90% of it is built, the rest get a quarter as long
+    again (STRAGGLER_GRACE), then those still building are deferred (unless defer_stragglers is off).
+    Their compile goes on while the search proposes the next round, and their runs join the results
+    later (take_late), which tune.LateResults hands to the database, the cost model and the trial log.
+    A heavily unrolled kernel can take 20x the median to compile, and it is often among the fastest:
+    it is deferred, never dropped."""
 
     # Restart the pool now and then: PopenPool workers leak memory over many builds.
     RECYCLE_AFTER = 2000
+    STRAGGLER_GRACE = 0.25  # x the time to 90% of the round built
+    MIN_GRACE_S = 2.0
 
-    def __init__(self, runner: "WarmRunner | None" = None, timeout_sec: float = 60.0):
+    def __init__(self, runner: "WarmRunner | None" = None, timeout_sec: float = 60.0, f_build=build_kernel,
+                 defer_stragglers: bool = True):
         super().__init__()
         self.runner = runner if runner is not None and runner.overlap else None
+        self.f_build, self.defer = f_build, defer_stragglers and self.runner is not None
         self.cores = self.runner.build_cores if self.runner else sorted(os.sched_getaffinity(0))
         self.timeout_sec = timeout_sec
         self._pool = None
         self._built = 0
+        self._late: dict = {}  # token -> None while building, then (BuilderResult, run future or None)
+        self._tokens = 0
 
-    def build(self, build_inputs):
-        if self._pool is None or self._built >= self.RECYCLE_AFTER:
-            if self._pool is not None:
-                self._pool.shutdown()
+    def start_workers(self) -> None:
+        """Start the pool's workers, if not yet, each importing what a build needs. tune.search calls this
+        before the search proposes its first round: they get ready meanwhile (15 workers took 20-25 s
+        to start on the H100 machine, and the first round's builds waited for them)."""
+        if self._pool is None:
             self._pool = PopenPoolExecutor(max_workers=len(self.cores), timeout=self.timeout_sec,
                                            initializer=functools.partial(os.sched_setaffinity, 0, self.cores))
             self._built = 0
+            for _ in self.cores:  # a task per worker thread: each starts its own process
+                self._pool.submit(_import_build_modules)
+
+    def build(self, build_inputs):
+        if self._pool is not None and self._built >= self.RECYCLE_AFTER and not self._late:
+            self._pool.shutdown()
+            self._pool = None
+        self.start_workers()
         self._built += len(build_inputs)
         t0 = time.time()
-        futures = {self._pool.submit(_build_worker_func, build_kernel, export_shared_library, b.mod, b.target, None): b
-                   for b in build_inputs}
-        done_s = []
-        for future in concurrent.futures.as_completed(futures):
-            done_s.append(time.time() - t0)
-            if self.runner and future.exception() is None:
-                self.runner.start(future.result(), ms.arg_info.ArgInfo.from_entry_func(futures[future].mod, True))
-        if done_s:  # a round waits for its slowest build: the log shows how far the last ones trail the rest
+        # The most unrolled first: they take longest to compile, and a round ends with its slowest build.
+        order = sorted(range(len(build_inputs)), key=lambda i: -unroll_step(build_inputs[i].mod))
+        futures = {self._pool.submit(_build_worker_func, self.f_build, export_shared_library,
+                                     build_inputs[i].mod, build_inputs[i].target, None): i for i in order}
+        results, done_s, waiting, deadline = [None] * len(build_inputs), [], set(futures), None
+        while waiting:
+            timeout = None if deadline is None else max(0.0, deadline - time.time())
+            done, waiting = concurrent.futures.wait(waiting, timeout, concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                done_s.append(time.time() - t0)
+                results[futures[future]] = self._result(future)
+                if self.runner and results[futures[future]].error_msg is None:
+                    self.runner.start(future.result(), self._args_info(build_inputs[futures[future]]))
+            if self.defer and deadline is None and len(done_s) >= 0.9 * len(futures):
+                deadline = t0 + max(done_s[-1] + self.MIN_GRACE_S, (1 + self.STRAGGLER_GRACE) * done_s[-1])
+            if deadline is not None and time.time() >= deadline:
+                break
+        for future in waiting:
+            self._tokens += 1
+            results[futures[future]] = ms.builder.BuilderResult(None, DEFERRED.format(self._tokens, time.time() - t0))
+            self._late[self._tokens] = None
+            future.add_done_callback(functools.partial(self._built_late, self._tokens,
+                                                       self._args_info(build_inputs[futures[future]])))
+        if done_s:  # how far the last builds trail the rest
             logging.getLogger("schedsearch.ms").info(
-                "built %d candidates on %d workers: half after %.1f s, 90%% after %.1f s, all after %.1f s",
-                len(done_s), len(self.cores), done_s[len(done_s) // 2], done_s[int(0.9 * (len(done_s) - 1))], done_s[-1])
-        return [self._result(f) for f in futures]
+                "built %d candidates on %d workers: half after %.1f s, 90%% after %.1f s, all after %.1f s%s",
+                len(done_s), len(self.cores), done_s[len(done_s) // 2], done_s[int(0.9 * (len(done_s) - 1))],
+                done_s[-1], f"; {len(waiting)} deferred, still building" if waiting else "")
+        return results
+
+    @staticmethod
+    def _args_info(build_input):
+        return ms.arg_info.ArgInfo.from_entry_func(build_input.mod, True)
+
+    def _built_late(self, token: int, args_info, future) -> None:
+        """A deferred candidate's build finished (in a pool thread): run it."""
+        built = self._result(future)
+        self._late[token] = (built, None if built.error_msg else self.runner.submit(built.artifact_path, args_info))
+
+    def take_late(self, wait: bool = False) -> list:
+        """(token, BuilderResult, RunnerResult) of deferred candidates whose measurement finished;
+        `wait`: all of them, waiting for those still building or running."""
+        out = []
+        for token in list(self._late):
+            while wait and self._late[token] is None:
+                time.sleep(0.05)
+            entry = self._late[token]
+            if entry is None or (entry[1] is not None and not wait and not entry[1].done()):
+                continue
+            del self._late[token]
+            built, run = entry
+            out.append((token, built, self.runner.result(run).result() if run is not None
+                        else ms.runner.RunnerResult(None, built.error_msg)))
+        return out
 
     def _result(self, future) -> ms.builder.BuilderResult:
         try:
@@ -86,6 +155,20 @@ class WarmBuilder(ms.builder.PyBuilder):
             return ms.builder.BuilderResult(None, f"build timed out after {self.timeout_sec} s")
         except Exception as e:  # the worker's exception, as the stock builder reports it
             return ms.builder.BuilderResult(None, f"build failed: {e}")
+
+
+DEFERRED = "deferred #{}: still building {:.0f} s into its round; measured when built, reported later"
+
+
+def deferred_token(error_msg) -> int | None:
+    """The token of a candidate the builder deferred, from its build error; None for any other result."""
+    msg = str(error_msg or "")
+    return int(msg[len("deferred #"):msg.index(":")]) if msg.startswith("deferred #") else None
+
+
+def unroll_step(mod) -> int:
+    """The largest auto-unroll step annotated in a scheduled kernel: what makes its source (and compile) big."""
+    return max(map(int, re.findall(r'"pragma_auto_unroll_max_step": (\d+)', mod.script())), default=0)
 
 
 # Hopeless candidates: after one call, a kernel already CAP_FACTOR times slower than the best full
@@ -186,6 +269,10 @@ class WarmRunner(ms.runner.PyRunner):
         args = tuple(a.as_json() for a in args_info)
         self._started[artifact_path] = (self.device_type, args, self._submit(artifact_path, self.device_type, args))
 
+    def submit(self, artifact_path: str, args_info):
+        """Run a built candidate the tuner will not ask for (a deferred one); result() gives its outcome."""
+        return self._submit(artifact_path, self.device_type, tuple(a.as_json() for a in args_info))
+
     def _submit(self, artifact_path, device_type, args):
         return self.pool.submit(_run_worker_func, alloc_args_cached, run_evaluator_capped, None, self.config, 1,
                                 artifact_path, device_type, args)
@@ -198,9 +285,9 @@ class WarmRunner(ms.runner.PyRunner):
             started = self._started.pop(path, None)
             same = started is not None and started[:2] == (device_type, args)
             futures.append(started[2] if same else self._submit(path, device_type, args))
-        return [self._result(f) for f in futures]
+        return [self.result(f) for f in futures]
 
-    def _result(self, future):
+    def result(self, future):
         from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 
         try:
@@ -211,6 +298,7 @@ class WarmRunner(ms.runner.PyRunner):
             return LocalRunnerFuture(error_message="LocalRunner: An exception occurred\n" + str(e))
 
 
-def make_builder_and_runner(target: Target, overlap: bool | None = None) -> tuple[WarmBuilder, WarmRunner]:
+def make_builder_and_runner(target: Target, overlap: bool | None = None,
+                            defer_stragglers: bool = True) -> tuple[WarmBuilder, WarmRunner]:
     runner = WarmRunner(target, overlap=overlap)
-    return WarmBuilder(runner), runner
+    return WarmBuilder(runner, defer_stragglers=defer_stragglers), runner

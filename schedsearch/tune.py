@@ -63,6 +63,53 @@ class TrialLog(ms.measure_callback.PyMeasureCallback):
             self.best_file.write_text(repr(self.best_us * 1e-6))
 
 
+@derived_object
+class LateResults(ms.measure_callback.PyMeasureCallback):
+    """Hands each round's results to the database, the cost model and `callbacks`, less the candidates
+    the builder deferred (still compiling when the rest of the round was built: measure.WarmBuilder),
+    plus the deferred ones measured since. `finish()`, after the search, waits for the last of them."""
+
+    def __init__(self, take_late, callbacks: list, strategy, cost_model, ctx):
+        super().__init__()
+        self.take_late, self.strategy, self.cost_model, self.ctx = take_late, strategy, cost_model, ctx
+        self.callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(), *callbacks]
+        self.waiting: dict = {}  # token -> MeasureCandidate
+        self.scheduler = None
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+        self.scheduler = (task_scheduler, task_id)
+        now = []
+        for row in zip(measure_candidates, builder_results, runner_results):
+            token = measure.deferred_token(row[1].error_msg)
+            if token is None:
+                now.append(row)
+            else:
+                self.waiting[token] = row[0]
+        self._pass_on(now + self._late(wait=False))
+
+    def finish(self) -> None:
+        if self.waiting:
+            self._pass_on(self._late(wait=True))
+
+    def _late(self, wait: bool) -> list:
+        late = [(t, b, r) for t, b, r in (self.take_late(wait) if self.take_late else []) if t in self.waiting]
+        if late and hasattr(self.strategy, "notify_late_results"):
+            self.strategy.notify_late_results([t for t, _, _ in late], [r for _, _, r in late])
+        return [(self.waiting.pop(t), b, r) for t, b, r in late]
+
+    def _pass_on(self, rows: list) -> None:
+        if not rows:
+            return
+        cands, builds, runs = map(list, zip(*rows))
+        for callback in self.callbacks:
+            callback.apply(*self.scheduler, cands, builds, runs)
+        # What the stock UpdateCostModel learns from (it needs the round in flight: not usable after the search).
+        learn = [(c, r) for c, b, r in rows
+                 if b.error_msg is None and (r.error_msg or sum(map(float, r.run_secs or [])) > 0)]
+        if learn:
+            self.cost_model.update(self.ctx, [c for c, _ in learn], [r for _, r in learn])
+
+
 def _short_error(msg: str) -> str:
     lines = [l for l in str(msg).strip().splitlines() if l.strip()]
     useful = [l for l in lines if "Error" in l or "error" in l]
@@ -110,6 +157,8 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     if runner is None:
         builder, runner = (builder, measure.WarmRunner(target)) if builder else measure.make_builder_and_runner(target)
     builder = builder or measure.WarmBuilder()
+    if hasattr(builder, "start_workers"):  # while the search prepares its first round
+        builder.start_workers()
     cost_model = ms.cost_model.XGBModel(adaptive_training=True)
     if cost_model_file is not None:  # a model trained elsewhere (same device): a warm start for every task
         if not Path(cost_model_file).is_file():
@@ -134,13 +183,14 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
                              search_strategy=stoppable, task_name=task.name,
                              num_threads=len(os.sched_getaffinity(0)), rand_state=seed + i,
                              logger=logging.getLogger("schedsearch.ms"))
+        results = LateResults(getattr(builder, "take_late", None), [log], stoppable, cost_model, ctx)
         with searching():
             ms.tune_tasks(tasks=[ctx], task_weights=[float(task.weight)], work_dir=str(run.root),
                           max_trials_global=remaining, max_trials_per_task=remaining,
                           num_trials_per_iter=min(64, remaining), builder=builder, runner=runner,
-                          database=database, cost_model=cost_model,
-                          measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), log],
+                          database=database, cost_model=cost_model, measure_callbacks=[results],
                           task_scheduler="round-robin")
+            results.finish()
         if INTERRUPTED.is_set():
             raise KeyboardInterrupt
         if getattr(strategy, "error", None) is not None:
@@ -176,6 +226,10 @@ class Stoppable(ms.search_strategy.PySearchStrategy):
 
     def notify_runner_results(self, *args) -> None:
         self.inner.notify_runner_results(*args)
+
+    def notify_late_results(self, *args) -> None:
+        if hasattr(self.inner, "notify_late_results"):
+            self.inner.notify_late_results(*args)
 
     def clone(self):
         return Stoppable(self.inner.clone(), self.stop)

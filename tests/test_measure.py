@@ -1,6 +1,8 @@
-"""The runner: the cap on hopeless candidates must never make a capped kernel the reported best;
-arguments are allocated once per task."""
+"""The builder and runner: the cap on hopeless candidates must never make a capped kernel the reported
+best; arguments are allocated once per task; runs overlap the build; stragglers are deferred, not lost."""
 import os
+
+import pytest
 
 from conftest import ROOT
 from schedsearch import frontend, target as targets, workload
@@ -69,3 +71,74 @@ def test_builder_hands_each_built_candidate_to_an_overlapping_runner(tmp_path):
     assert not runner._started and all(f.done() for f in started.values())
     assert len(submitted) == 3  # run() took the started runs, none ran twice
     assert not WarmRunner(target).overlap  # on a CPU target runs wait for the build, as stock's do
+
+
+def _slow_nth_build(counter_path: str, nth: int, sleep_s: float):
+    """A build function for the pool that makes its `nth` build (counted across workers) a straggler."""
+    def build(mod, target, params):
+        import fcntl
+        import time
+
+        from schedsearch.measure import build_kernel
+
+        with open(counter_path, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.write("x")
+            f.flush()
+            f.seek(0)
+            count = len(f.read())
+        if count == nth:
+            time.sleep(sleep_s)
+        return build_kernel(mod, target, params)
+    return build
+
+
+def test_builder_defers_a_straggler_and_measures_it_later(tmp_path):
+    """A round does not wait for a build far slower than the rest: it is reported as deferred, goes on
+    building and running, and take_late() hands over its real result (forced overlap on LLVM)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from schedsearch.measure import WarmBuilder, WarmRunner, deferred_token
+
+    wl = workload.load(ROOT / "workloads/level1/matmul.py", "small")
+    target = targets.resolve("llvm")
+    [task] = frontend.extract_tasks(frontend.import_onnx(frontend.export_onnx(wl, tmp_path / "m.onnx")), target)
+    runner = WarmRunner(target, overlap=True)
+    builder = WarmBuilder(runner, f_build=_slow_nth_build(str(tmp_path / "count"), 10, 8.0))
+    built = builder.build([ms.builder.BuilderInput(task.mod, target)] * 10)
+    tokens = [deferred_token(b.error_msg) for b in built]
+    assert sum(t is not None for t in tokens) == 1  # the tenth build: the other nine went through
+    [token] = [t for t in tokens if t is not None]
+    assert all(b.error_msg is None for b in built if deferred_token(b.error_msg) is None)
+    assert builder.take_late() == []  # still building
+    [(late_token, late_build, late_run)] = builder.take_late(wait=True)
+    assert late_token == token and late_build.error_msg is None and late_run.error_msg is None
+    assert len(late_run.run_secs) >= 1 and all(float(s) > 0 for s in late_run.run_secs)
+    assert builder.take_late(wait=True) == []  # handed over once
+
+
+@pytest.mark.parametrize("strategy", ["evolutionary", "rules"])
+def test_a_deferred_candidate_is_recorded_with_its_measurement(tmp_path, strategy):
+    """Through the whole search: the deferred candidate reaches the trial log and the database with its
+    real latency, once; nothing is recorded as 'deferred'."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from schedsearch import strategies
+    from schedsearch.measure import WarmBuilder, WarmRunner
+
+    wl = workload.load(ROOT / "workloads/level1/matmul.py", "small")
+    target = targets.resolve("llvm")
+    run = RunDir(tmp_path / "run").create()
+    [task] = frontend.extract_tasks(frontend.import_onnx(frontend.export_onnx(wl, run.onnx)), target)
+    runner = WarmRunner(target, overlap=True)
+    builder = WarmBuilder(runner, f_build=_slow_nth_build(str(tmp_path / "count"), 12, 8.0))
+    make = strategies.make("rules", run=run, target=target) if strategy == "rules" else lambda t: "evolutionary"
+    trials = search([task], target, run, strategy, make, trials=12, runner=runner, builder=builder,
+                    capping_runner=True)[task.name]
+    assert "1 deferred, still building" in run.log.read_text()
+    assert len(trials) == 12 and [t["trial"] for t in trials] == list(range(1, 13))
+    assert not any("deferred" in (t["error"] or "") for t in trials)
+    assert sum(t["latency_us"] is not None for t in trials) >= 11
+    records = ms.database.JSONDatabase(work_dir=str(run.database)).get_all_tuning_records()
+    assert len(records) == 12  # errors are recorded as 1e10 s, as MetaSchedule records them
+    assert sum(min(float(s) for s in r.run_secs) >= 1e9 for r in records) == sum(t["error"] is not None for t in trials)

@@ -18,7 +18,7 @@ import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from .. import schedule_lang
+from .. import measure, schedule_lang
 from ..schedule_lang import ScheduleLangError
 
 HISTORY_FOR_PROMPT = 12
@@ -103,6 +103,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
         self.measured: list[Outcome] = []
         self.rejected: list[Outcome] = []
         self.pending: list[tuple[Outcome, Proposal]] = []
+        self.measuring: dict[int, tuple[Outcome, Proposal]] = {}  # deferred builds, by token
         self._warm_start()
 
     def _warm_start(self) -> None:
@@ -217,17 +218,32 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
         return chosen
 
     def notify_runner_results(self, measure_candidates, results) -> None:
-        for (out, _), r in zip(self.pending, results):
+        for (out, proposal), r in zip(self.pending, results):
             self.trials += 1
-            if r.error_msg is None and r.run_secs:
-                out.status, out.latency_us = "measured", 1e6 * sum(float(s) for s in r.run_secs) / len(r.run_secs)
-                self.measured.append(out)
+            token = measure.deferred_token(r.error_msg)
+            if token is not None:  # still compiling: its result comes with a later round
+                out.status = "measuring"
+                self.measuring[token] = (out, proposal)
             else:
-                out.status, out.reason = "failed", (r.error_msg or "no timing").strip().splitlines()[-1][:300]
-                self.rejected.append(out)
+                self._outcome(out, r)
         self.measured.sort(key=lambda o: o.latency_us)
         self.proposer.record([o for o, _ in self.pending], [p for _, p in self.pending])
         self.pending = []
+
+    def notify_late_results(self, tokens, results) -> None:
+        late = [(self.measuring.pop(t), r) for t, r in zip(tokens, results) if t in self.measuring]
+        for (out, _), r in late:
+            self._outcome(out, r)
+        self.measured.sort(key=lambda o: o.latency_us)
+        self.proposer.record([o for (o, _), _ in late], [p for (_, p), _ in late])
+
+    def _outcome(self, out: Outcome, r) -> None:
+        if r.error_msg is None and r.run_secs:
+            out.status, out.latency_us = "measured", 1e6 * sum(float(s) for s in r.run_secs) / len(r.run_secs)
+            self.measured.append(out)
+        else:
+            out.status, out.reason = "failed", (r.error_msg or "no timing").strip().splitlines()[-1][:300]
+            self.rejected.append(out)
 
     def post_tuning(self) -> None:
         pass
