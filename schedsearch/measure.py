@@ -3,7 +3,8 @@
 Stock `LocalBuilder` starts a fresh process pool on every build call, and each fresh worker
 imports `tvm.s_tir.tensor_intrin` (~18 s). `WarmBuilder` keeps one pool alive and builds
 without that import (schedules here never reference tensor intrinsics by name at build time).
-On a GPU, `WarmRunner` measures each candidate as soon as it is built.
+On a GPU, `WarmRunner` measures each candidate as soon as it is built, and a round does not wait
+for its slowest compiles (they are measured and reported with a later round).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def build_kernel(mod, target, _params):
 
 
 def _import_build_modules() -> None:
+    """A build worker's first task, before the first round: the imports build_kernel needs."""
     from tvm.driver import build  # noqa: F401
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # noqa: F401
 
