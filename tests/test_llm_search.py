@@ -154,3 +154,34 @@ def test_real_endpoint(tmp_path):
     rc = main(["tune", MATMUL, "--size", "small", "--strategy", "llm", "--trials", "4", "-o", str(tmp_path / "run"),
                "--target", "llvm", "--llm-ideas", "2", "--llm-programs-per-idea", "2", "--validation-seeds", "1"])
     assert rc == 0
+
+
+def test_a_deferred_candidate_reaches_the_history_as_measured():
+    """A candidate whose build the builder deferred is not a failure: the proposer's history shows it as
+    measuring, then measured with its latency once the late result comes (not in the rejections)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from schedsearch.measure import DEFERRED
+    from schedsearch.strategies.proposals import Outcome, Proposal, ProposalSearch
+
+    class Recorder:
+        label = "recorder"
+
+        def __init__(self):
+            self.statuses = []
+
+        def record(self, outcomes, proposals):
+            self.statuses += [o.status for o in outcomes]
+
+    recorder = Recorder()
+    search = ProposalSearch(recorder, {})
+    search.trials, search.measured, search.rejected, search.measuring = 0, [], [], {}
+    fast, slow = Outcome("sch.a()", "idea 1", "queued"), Outcome("sch.b()", "idea 2", "queued")
+    search.pending = [(fast, Proposal("sch.a()", "idea 1")), (slow, Proposal("sch.b()", "idea 2"))]
+    search.notify_runner_results([], [ms.runner.RunnerResult([0.002], None),
+                                      ms.runner.RunnerResult(None, DEFERRED.format(7, 12.0))])
+    assert search.trials == 2 and slow.status == "measuring" and search.measured == [fast] and not search.rejected
+    search.notify_late_results([7], [ms.runner.RunnerResult([0.001, 0.001], None)])
+    assert slow.status == "measured" and slow.latency_us == pytest.approx(1000.0)
+    assert search.measured == [slow, fast] and not search.rejected and not search.measuring
+    assert recorder.statuses == ["measured", "measuring", "measured"]

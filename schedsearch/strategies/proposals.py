@@ -29,7 +29,7 @@ class Outcome:
     """What became of one proposed program."""
     program: str
     source: str  # which proposal (e.g. "idea 2, sample 1" or "sketch 0 resampled")
-    status: str  # rejected | duplicate | ranked out | queued -> measured | failed
+    status: str  # rejected | duplicate | ranked out | queued -> (measuring: build deferred ->) measured | failed
     reason: str | None = None
     predicted: float | None = None
     latency_us: float | None = None
