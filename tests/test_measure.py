@@ -64,7 +64,7 @@ def test_builder_hands_each_built_candidate_to_an_overlapping_runner(tmp_path):
     paths = [b.artifact_path for b in built]
     assert all(b.error_msg is None for b in built) and len(set(paths)) == 3
     assert set(runner._started) == set(paths)  # started by the builder, before anyone called run()
-    started = {p: runner._started[p][2] for p in paths}
+    started = {p: runner._started[p] for p in paths}
     args = ms.arg_info.ArgInfo.from_entry_func(task.mod, True)
     results = [f.result() for f in runner.run([ms.runner.RunnerInput(p, runner.device_type, args) for p in paths])]
     assert all(r.error_msg is None and len(r.run_secs) >= 1 for r in results)
@@ -115,6 +115,22 @@ def test_builder_defers_a_straggler_and_measures_it_later(tmp_path):
     assert late_token == token and late_build.error_msg is None and late_run.error_msg is None
     assert len(late_run.run_secs) >= 1 and all(float(s) > 0 for s in late_run.run_secs)
     assert builder.take_late(wait=True) == []  # handed over once
+
+
+def test_unroll_step_reads_the_scheduled_kernel(tmp_path):
+    """The builder submits the most unrolled candidates first: the step must come from the annotation."""
+    from tvm.s_tir import Schedule
+
+    from schedsearch.measure import unroll_step
+
+    wl = workload.load(ROOT / "workloads/level1/matmul.py", "small")
+    [task] = frontend.extract_tasks(frontend.import_onnx(frontend.export_onnx(wl, tmp_path / "m.onnx")),
+                                    targets.resolve("llvm"))
+    sch = Schedule(task.mod)
+    outer, inner = sch.get_loops(sch.get_sblock("matmul"))[:2]
+    sch.annotate(outer, "pragma_auto_unroll_max_step", 64)
+    sch.annotate(inner, "pragma_auto_unroll_max_step", 512)
+    assert unroll_step(task.mod) == 0 and unroll_step(sch.mod) == 512
 
 
 @pytest.mark.parametrize("strategy", ["evolutionary", "rules"])
