@@ -56,10 +56,12 @@ def replay(arm: str, records, target, cores: int, defer: bool) -> dict:
                     if b.error_msg is not None and measure.deferred_token(b.error_msg) is None]
         inputs = [ms.runner.RunnerInput(b.artifact_path, device_type, ms.arg_info.ArgInfo.from_entry_func(m, True))
                   for b, m in zip(built, mods) if b.error_msg is None]
-        results += [f.result() for f in runner.run(inputs)]
+        ran = [f.result() for f in runner.run(inputs)]
         t2 = time.time()
+        deferred += sum(measure.deferred_token(r.error_msg) is not None for r in ran)
+        results += [r for r in ran if measure.deferred_token(r.error_msg) is None]
         last = start + ROUND >= len(records)
-        results += [r for _, _, r in (builder.take_late(wait=last) if arm != "stock" else [])]
+        results += [r for _, _, r in (runner.take_late(wait=last) if arm != "stock" else [])]
         build_s, run_s = build_s + t1 - t0 + time.time() - t2, run_s + t2 - t1
         latencies = [1e6 * sum(map(float, r.run_secs)) / len(r.run_secs) for r in results if r.error_msg is None]
         best = min(latencies, default=None)
@@ -81,7 +83,7 @@ def main() -> None:
     p.add_argument("--target", default="auto")
     p.add_argument("--only", choices=["stock", "schedsearch"])
     p.add_argument("--limit", type=int, help="the first N candidates only")
-    p.add_argument("--no-defer", action="store_true", help="ours: every round waits for its slowest build")
+    p.add_argument("--no-defer", action="store_true", help="ours: every round waits for its slowest build and run")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args()
     import tvm.s_tir.tensor_intrin  # noqa: F401  stock's builder workers need it; import once, outside the timing

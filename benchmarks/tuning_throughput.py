@@ -12,7 +12,7 @@ and reports the trials it finished; the table then also compares both arms at th
 reached. --run-dir keeps each arm's run (DIR/<arm>): run again with it to go on where a deadline
 stopped, counting the time of every invocation. Time is search time (from the start of the search to
 its last measurement), split into the search strategy, build (for ours: while the first runs already
-overlap it, and the wait for deferred stragglers at the end) and run (what the runner adds after the build).
+overlap it) and run (what the runner adds after the build, and the wait for deferred candidates at the end).
 """
 import argparse
 import contextlib
@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--json", help="write the measured rows here")
     p.add_argument("--run-dir", help="keep the arms' runs here and resume them")
     p.add_argument("--no-overlap", action="store_true", help="ours: run candidates only after the whole build")
-    p.add_argument("--no-defer", action="store_true", help="ours: every round waits for its slowest build")
+    p.add_argument("--no-defer", action="store_true", help="ours: every round waits for its slowest build and run")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="print the table of arms measured by earlier --json runs")
     args = p.parse_args()
     if args.merge:
@@ -120,10 +120,6 @@ class TimedBuilder(ms.builder.PyBuilder):
         if hasattr(self.inner, "start_workers"):
             self.inner.start_workers()
 
-    def take_late(self, wait=False):  # ours: deferred stragglers (measure.WarmBuilder)
-        with adding_seconds(self.spent, "build_s"):
-            return self.inner.take_late(wait) if hasattr(self.inner, "take_late") else []
-
 
 @derived_object
 class TimedRunner(ms.runner.PyRunner):
@@ -134,6 +130,10 @@ class TimedRunner(ms.runner.PyRunner):
     def run(self, runner_inputs):
         with adding_seconds(self.spent, "run_s"):  # both runners return finished futures
             return self.inner.run(runner_inputs)
+
+    def take_late(self, wait=False):  # ours: deferred candidates (measure.WarmRunner)
+        with adding_seconds(self.spent, "run_s"):
+            return self.inner.take_late(wait) if hasattr(self.inner, "take_late") else []
 
 
 def seconds_at(trials: list[dict]) -> list[float]:

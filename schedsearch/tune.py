@@ -65,9 +65,10 @@ class TrialLog(ms.measure_callback.PyMeasureCallback):
 
 @derived_object
 class LateResults(ms.measure_callback.PyMeasureCallback):
-    """Hands each round's results to the database, the cost model and `callbacks`, less the candidates
-    the builder deferred (still compiling when the rest of the round was built: measure.WarmBuilder),
-    plus the deferred ones measured since. `finish()`, after the search, waits for the last of them."""
+    """Hands each round's results to the database, the cost model and `callbacks`, less the deferred
+    candidates (still compiling or waiting for the GPU when the rest of the round was built:
+    measure.WarmBuilder, measure.WarmRunner), plus the deferred ones measured since. `finish()`, after
+    the search, waits for the last of them."""
 
     def __init__(self, take_late, callbacks: list, strategy, cost_model, ctx):
         super().__init__()
@@ -80,7 +81,7 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
         self.scheduler = (task_scheduler, task_id)
         now = []
         for row in zip(measure_candidates, builder_results, runner_results):
-            token = measure.deferred_token(row[1].error_msg)
+            token = measure.deferred_token(row[1].error_msg or row[2].error_msg)
             if token is None:
                 now.append(row)
             else:
@@ -159,7 +160,8 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     builder = builder or measure.WarmBuilder()
     if hasattr(builder, "start_workers"):  # while the search prepares its first round
         builder.start_workers()
-    cost_model = ms.cost_model.XGBModel(adaptive_training=True)
+    # XGBoost's threads: the cores this process may use (its default counts the whole host's cores).
+    cost_model = ms.cost_model.XGBModel(adaptive_training=True, num_tuning_cores=len(os.sched_getaffinity(0)))
     if cost_model_file is not None:  # a model trained elsewhere (same device): a warm start for every task
         if not Path(cost_model_file).is_file():
             raise UserError(f"cost model file not found: {cost_model_file}")
@@ -183,7 +185,7 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
                              search_strategy=stoppable, task_name=task.name,
                              num_threads=len(os.sched_getaffinity(0)), rand_state=seed + i,
                              logger=logging.getLogger("schedsearch.ms"))
-        results = LateResults(getattr(builder, "take_late", None), [log], stoppable, cost_model, ctx)
+        results = LateResults(getattr(runner, "take_late", None), [log], stoppable, cost_model, ctx)
         with searching():
             ms.tune_tasks(tasks=[ctx], task_weights=[float(task.weight)], work_dir=str(run.root),
                           max_trials_global=remaining, max_trials_per_task=remaining,

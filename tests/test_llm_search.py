@@ -156,12 +156,13 @@ def test_real_endpoint(tmp_path):
     assert rc == 0
 
 
-def test_a_deferred_candidate_reaches_the_history_as_measured():
-    """A candidate whose build the builder deferred is not a failure: the proposer's history shows it as
+@pytest.mark.parametrize("deferred", ["build", "run"])
+def test_a_deferred_candidate_reaches_the_history_as_measured(deferred):
+    """A candidate whose build or run was deferred is not a failure: the proposer's history shows it as
     measuring, then measured with its latency once the late result comes (not in the rejections)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from schedsearch.measure import DEFERRED
+    from schedsearch.measure import DEFERRED_BUILD, DEFERRED_RUN
     from schedsearch.strategies.proposals import Outcome, Proposal, ProposalSearch
 
     class Recorder:
@@ -179,7 +180,8 @@ def test_a_deferred_candidate_reaches_the_history_as_measured():
     fast, slow = Outcome("sch.a()", "idea 1", "queued"), Outcome("sch.b()", "idea 2", "queued")
     search.pending = [(fast, Proposal("sch.a()", "idea 1")), (slow, Proposal("sch.b()", "idea 2"))]
     search.notify_runner_results([], [ms.runner.RunnerResult([0.002], None),
-                                      ms.runner.RunnerResult(None, DEFERRED.format(7, 12.0))])
+                                      ms.runner.RunnerResult(None, DEFERRED_BUILD.format(7, 12.0) if deferred == "build"
+                                                             else DEFERRED_RUN.format(7))])
     assert search.trials == 2 and slow.status == "measuring" and search.measured == [fast] and not search.rejected
     search.notify_late_results([7], [ms.runner.RunnerResult([0.001, 0.001], None)])
     assert slow.status == "measured" and slow.latency_us == pytest.approx(1000.0)

@@ -32,6 +32,52 @@ def test_capped_candidates_are_never_the_best(tmp_path, monkeypatch):
     assert "built 24 candidates on" in run.log.read_text()  # how long the round's builds trailed
 
 
+def _call_counting_kernel() -> str:
+    """A real CPU kernel of about 0.1 s here that counts its calls in calls[0], built and exported as
+    candidates are: its shared library's path."""
+    import tvm
+    from tvm.script import tirx as T
+
+    from schedsearch import measure
+
+    @T.prim_func
+    def slow(a: T.Buffer((1 << 20,), "float32"), calls: T.Buffer((1,), "int32")):
+        T.func_attr({"global_symbol": "main", "tir.noalias": True})
+        calls[0] = calls[0] + 1
+        for i, j in T.grid(1 << 20, 100):
+            a[i] = a[i] * T.float32(0.5) + T.float32(1)
+
+    built = measure.build_kernel(tvm.IRModule({"main": slow}), tvm.target.Target("llvm"), None)
+    return measure.export_shared_library(built)
+
+
+@pytest.mark.parametrize("best_s, allowance_s, calls, samples", [
+    (1e-6, 0.01, 1, 1),  # past the cap by more than any load takes: its first call is its record
+    (1e-6, 1e3, 2, 1),  # within the load allowance of the cap: its next call decides
+    (None, None, 4, 2),  # no best yet: measured in full; a call fills a repeat, so one call per repeat
+])
+def test_the_cap_spends_few_calls_on_a_hopeless_kernel(tmp_path, monkeypatch, best_s, allowance_s, calls, samples):
+    import numpy as np
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from schedsearch import measure
+
+    best_file = tmp_path / "best_s.txt"
+    if best_s is not None:
+        best_file.write_text(repr(best_s))
+    monkeypatch.setenv(measure.BEST_FILE_ENV, str(best_file))
+    if allowance_s is not None:
+        monkeypatch.setattr(measure, "LOAD_ALLOWANCE_S", allowance_s)
+    rt_mod, dev = tvm.runtime.load_module(_call_counting_kernel()), tvm.cpu(0)
+    args = [tvm.runtime.tensor(np.zeros(1 << 20, "float32"), dev), tvm.runtime.tensor(np.zeros(1, "int32"), dev)]
+    config = ms.runner.EvaluatorConfig(number=2, repeat=measure.REPEAT, min_repeat_ms=10)  # the GPU's
+    secs = measure.run_evaluator_capped(rt_mod, dev, config, [args])
+    assert int(args[1].numpy()[0]) == calls and len(secs) == samples
+    assert measure.is_capped(secs) == (samples == 1)
+    assert all(s > 0.01 for s in secs)
+
+
 def test_arguments_are_allocated_once_per_task():
     import tvm
 
@@ -54,7 +100,7 @@ def test_builder_hands_each_built_candidate_to_an_overlapping_runner(tmp_path):
     wl = workload.load(ROOT / "workloads/level1/matmul.py", "small")
     target = targets.resolve("llvm")
     [task] = frontend.extract_tasks(frontend.import_onnx(frontend.export_onnx(wl, tmp_path / "m.onnx")), target)
-    runner = WarmRunner(target, overlap=True)
+    runner = WarmRunner(target, overlap=True, defer=False)  # run() waits for the runs (deferral: below)
     builder = WarmBuilder(runner)
     assert runner.overlap and builder.cores == runner.build_cores  # all cores but the runner's
     assert len(builder.cores) == len(os.sched_getaffinity(0)) - 1
@@ -110,11 +156,34 @@ def test_builder_defers_a_straggler_and_measures_it_later(tmp_path):
     assert sum(t is not None for t in tokens) == 1  # the tenth build: the other nine went through
     [token] = [t for t in tokens if t is not None]
     assert all(b.error_msg is None for b in built if deferred_token(b.error_msg) is None)
-    assert builder.take_late() == []  # still building
-    [(late_token, late_build, late_run)] = builder.take_late(wait=True)
+    assert runner.take_late() == []  # still building
+    [(late_token, late_build, late_run)] = runner.take_late(wait=True)
     assert late_token == token and late_build.error_msg is None and late_run.error_msg is None
     assert len(late_run.run_secs) >= 1 and all(float(s) > 0 for s in late_run.run_secs)
-    assert builder.take_late(wait=True) == []  # handed over once
+    assert runner.take_late(wait=True) == []  # handed over once
+
+
+def test_runner_defers_runs_still_queued_when_the_round_is_built(tmp_path, monkeypatch):
+    """The round's results do not wait for the GPU's queue either: a run still waiting is reported as
+    deferred, and take_late() hands over its measurement, with the artifact it ran."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from schedsearch import measure
+
+    monkeypatch.setenv(measure.BEST_FILE_ENV, str(tmp_path / "best_s.txt"))  # no best yet: measured in full
+    runner = measure.WarmRunner(targets.resolve("llvm"), overlap=True)
+    runner.RUN_GRACE_S = 0.0  # the worker process has not even started: the run is surely still queued
+    path = _call_counting_kernel()
+    info = [ms.arg_info.TensorInfo("float32", [1 << 20]), ms.arg_info.TensorInfo("int32", [1])]
+    runner.start(path, info)
+    [result] = [f.result() for f in runner.run([ms.runner.RunnerInput(path, "cpu", info)])]
+    token = measure.deferred_token(result.error_msg)
+    assert token is not None and result.run_secs is None
+    [(late_token, late_build, late_run)] = runner.take_late(wait=True)
+    assert late_token == token and late_build.artifact_path == path
+    assert late_run.error_msg is None and len(late_run.run_secs) == measure.REPEAT
+    assert runner.take_late(wait=True) == []
 
 
 def test_unroll_step_reads_the_scheduled_kernel(tmp_path):
@@ -133,10 +202,10 @@ def test_unroll_step_reads_the_scheduled_kernel(tmp_path):
     assert unroll_step(task.mod) == 0 and unroll_step(sch.mod) == 512
 
 
-@pytest.mark.parametrize("strategy", ["evolutionary", "rules"])
-def test_a_deferred_candidate_is_recorded_with_its_measurement(tmp_path, strategy):
-    """Through the whole search: the deferred candidate reaches the trial log and the database with its
-    real latency, once; nothing is recorded as 'deferred'."""
+@pytest.mark.parametrize("strategy, deferred", [("evolutionary", "build"), ("rules", "build"), ("evolutionary", "run")])
+def test_a_deferred_candidate_is_recorded_with_its_measurement(tmp_path, strategy, deferred):
+    """Through the whole search: a deferred candidate (its build, or its run) reaches the trial log and
+    the database with its real latency, once; nothing is recorded as 'deferred'."""
     from tvm.s_tir import meta_schedule as ms
 
     from schedsearch import strategies
@@ -147,11 +216,15 @@ def test_a_deferred_candidate_is_recorded_with_its_measurement(tmp_path, strateg
     run = RunDir(tmp_path / "run").create()
     [task] = frontend.extract_tasks(frontend.import_onnx(frontend.export_onnx(wl, run.onnx)), target)
     runner = WarmRunner(target, overlap=True)
-    builder = WarmBuilder(runner, f_build=_slow_nth_build(str(tmp_path / "count"), 12, 8.0))
+    if deferred == "build":
+        builder = WarmBuilder(runner, f_build=_slow_nth_build(str(tmp_path / "count"), 12, 8.0))
+    else:  # runs still queued when the round is built: at least the one of the last build
+        builder, runner.RUN_GRACE_S = WarmBuilder(runner), 0.0
     make = strategies.make("rules", run=run, target=target) if strategy == "rules" else lambda t: "evolutionary"
     trials = search([task], target, run, strategy, make, trials=12, runner=runner, builder=builder,
                     capping_runner=True)[task.name]
-    assert "1 deferred, still building" in run.log.read_text()
+    log = run.log.read_text()
+    assert ("1 deferred, still building" if deferred == "build" else "still waiting for the GPU") in log
     assert len(trials) == 12 and [t["trial"] for t in trials] == list(range(1, 13))
     assert not any("deferred" in (t["error"] or "") for t in trials)
     assert sum(t["latency_us"] is not None for t in trials) >= 11

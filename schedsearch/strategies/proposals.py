@@ -29,7 +29,7 @@ class Outcome:
     """What became of one proposed program."""
     program: str
     source: str  # which proposal (e.g. "idea 2, sample 1" or "sketch 0 resampled")
-    status: str  # rejected | duplicate | ranked out | queued -> (measuring: build deferred ->) measured | failed
+    status: str  # rejected | duplicate | ranked out | queued -> (measuring: build or run deferred ->) measured | failed
     reason: str | None = None
     predicted: float | None = None
     latency_us: float | None = None
@@ -103,7 +103,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
         self.measured: list[Outcome] = []
         self.rejected: list[Outcome] = []
         self.pending: list[tuple[Outcome, Proposal]] = []
-        self.measuring: dict[int, tuple[Outcome, Proposal]] = {}  # deferred builds, by token
+        self.measuring: dict[int, tuple[Outcome, Proposal]] = {}  # deferred builds and runs, by token
         self._warm_start()
 
     def _warm_start(self) -> None:
@@ -221,7 +221,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
         for (out, proposal), r in zip(self.pending, results):
             self.trials += 1
             token = measure.deferred_token(r.error_msg)
-            if token is not None:  # still compiling: its result comes with a later round
+            if token is not None:  # still compiling or queued: its result comes with a later round
                 out.status = "measuring"
                 self.measuring[token] = (out, proposal)
             else:
