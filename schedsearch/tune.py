@@ -101,14 +101,19 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
     def _pass_on(self, rows: list) -> None:
         if not rows:
             return
+        t0 = time.time()
         cands, builds, runs = map(list, zip(*rows))
         for callback in self.callbacks:
             callback.apply(*self.scheduler, cands, builds, runs)
+        t1 = time.time()
         # What the stock UpdateCostModel learns from (it needs the round in flight: not usable after the search).
         learn = [(c, r) for c, b, r in rows
                  if b.error_msg is None and (r.error_msg or sum(map(float, r.run_secs or [])) > 0)]
         if learn:
             self.cost_model.update(self.ctx, [c for c, _ in learn], [r for _, r in learn])
+        # Where the time between a round's build and the next round's candidates goes (with the runs' wait).
+        logging.getLogger("schedsearch.ms").info("recorded %d results in %.1f s, cost model updated in %.1f s",
+                                                 len(rows), t1 - t0, time.time() - t1)
 
 
 def _short_error(msg: str) -> str:
