@@ -166,7 +166,6 @@ def test_builder_defers_a_straggler_and_measures_it_later(tmp_path):
 def test_runner_defers_runs_still_queued_when_the_round_is_built(tmp_path, monkeypatch):
     """The round's results do not wait for the GPU's queue either: a run still waiting is reported as
     deferred, and take_late() hands over its measurement, with the artifact it ran."""
-    import tvm
     from tvm.s_tir import meta_schedule as ms
 
     from schedsearch import measure
