@@ -111,7 +111,7 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
                  if b.error_msg is None and (r.error_msg or sum(map(float, r.run_secs or [])) > 0)]
         if learn:
             self.cost_model.update(self.ctx, [c for c, _ in learn], [r for _, r in learn])
-        # Where the time between a round's build and the next round's candidates goes (with the runs' wait).
+        # Part of the time between a round's build and the next round's candidates, for tune.log.
         logging.getLogger("schedsearch.ms").info("recorded %d results in %.1f s, cost model updated in %.1f s",
                                                  len(rows), t1 - t0, time.time() - t1)
 
