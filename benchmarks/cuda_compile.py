@@ -2,7 +2,7 @@
 from the heaviest task's MetaSchedule design spaces that pass the CUDA postprocessors. Needs no GPU.
 
     python benchmarks/cuda_compile.py [--workload workloads/level1/matmul.py] [--size 2048] [-n 32] [--seed 0]
-        [--workers 16] [--modes nvrtc,nvcc] [--arch sm_90a] [--json OUT]
+        [--workers 16] [--modes nvrtc,nvcc] [--arch sm_90a] [--pool-only] [--json OUT]
 
 nvrtc needs the `cuda-bindings` package and libnvrtc (e.g. the `nvidia-cuda-nvrtc` wheel); it finds the
 CUDA headers from CUDA_PATH, else from `which nvcc`/../.. (set CUDA_PATH if that is a wrapper script).
@@ -98,7 +98,7 @@ def warm_up(source: str, mode: str, arch: str) -> None:
 
 def measure(sources: list[str], mode: str, args) -> dict:
     compile_one(sources[0], mode, args.arch)  # warm-up: imports, loading libnvrtc
-    serial = [compile_one(s, mode, args.arch) for s in sources]
+    serial = [] if args.pool_only else [compile_one(s, mode, args.arch) for s in sources]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_hold,
                              initargs=(context.Barrier(args.workers),)) as pool:
@@ -106,7 +106,7 @@ def measure(sources: list[str], mode: str, args) -> dict:
         start = time.perf_counter()
         pooled = list(pool.map(compile_one, sources, [mode] * len(sources), [args.arch] * len(sources)))
         wall = time.perf_counter() - start
-    times = sorted(t for t, _ in serial)
+    times = sorted(t for t, _ in serial or pooled)  # --pool-only: each compile's time in the pool
     errors = [e for _, e in serial + pooled if e]
     return {"mode": mode, "candidates": len(sources), "median_s": statistics.median(times),
             "p90_s": times[math.ceil(0.9 * len(times)) - 1], "pool_wall_s": wall, "workers": args.workers,
@@ -124,6 +124,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--modes", default="nvrtc,nvcc", help="comma-separated: nvrtc, nvcc")
     p.add_argument("--arch", default="sm_90a")
+    p.add_argument("--pool-only", action="store_true",
+                   help="skip the one-at-a-time phase (medians are then of compiles in the busy pool)")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args()
     if set(args.modes.split(",")) - {"nvrtc", "nvcc"}:

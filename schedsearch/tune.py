@@ -165,8 +165,10 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     builder = builder or measure.WarmBuilder()
     if hasattr(builder, "start_workers"):  # while the search prepares its first round
         builder.start_workers()
-    # XGBoost's threads: the cores this process may use (its default counts the whole host's cores).
-    cost_model = ms.cost_model.XGBModel(adaptive_training=True, num_tuning_cores=len(os.sched_getaffinity(0)))
+    # XGBoost on one thread: its OpenMP threads wait at every barrier for any of them whose core is busy
+    # (a deferred build, the runner). H100 host, 16 cores, 2 kept busy: an update on 64 matmul records took
+    # 9-11 s with 16 threads, 0.2-0.3 s with 1, same predictions to the bit (0.2 s either way when idle).
+    cost_model = ms.cost_model.XGBModel(adaptive_training=True, num_tuning_cores=1)
     if cost_model_file is not None:  # a model trained elsewhere (same device): a warm start for every task
         if not Path(cost_model_file).is_file():
             raise UserError(f"cost model file not found: {cost_model_file}")
