@@ -1,6 +1,7 @@
 """Seconds the XGBoost cost model takes to learn from a round and to rank candidates, by its thread
 count, with some of the cores kept busy (as deferred builds and the runner keep them during a search).
-Needs no GPU: the records come from a tuning database (e.g. a run's `database/`).
+Needs no GPU: the records come from a tuning database (e.g. a run's `database/`), in the order the run
+committed them, 64 to an update as the search's rounds hand them over.
 
     python benchmarks/cost_model_threads.py RUN/database [--threads 16,4,1] [--busy 0,2,15] [--rounds 4]
 """
@@ -14,6 +15,8 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.schedule import Schedule
 
+from compile_work import scheduled
+from replay_candidates import records_in_run_order
 from sample_validity import H100
 
 
@@ -24,16 +27,14 @@ def main() -> None:
     p.add_argument("--busy", default="0,2,15", help="how many of this process's cores to keep busy")
     p.add_argument("--rounds", type=int, default=4, help="updates of 64 records each")
     args = p.parse_args()
-    records = [r for r in ms.database.JSONDatabase(work_dir=args.database).get_all_tuning_records() if r.run_secs]
-    records = records[:64 * args.rounds]
+    records = [r for r in records_in_run_order(args.database) if r.run_secs][:64 * args.rounds]
     cores = sorted(os.sched_getaffinity(0))
     target = tvm.target.Target(H100, host={"kind": "llvm"})
     ctx = ms.TuneContext(mod=records[0].workload.mod, target=target, num_threads=len(cores))
     candidates, results = [], []
     for r in records:
-        sch = Schedule(r.workload.mod)
-        r.trace.apply_to_schedule(sch, remove_postproc=False)
-        candidates.append(ms.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, True)))
+        mod = scheduled(r)
+        candidates.append(ms.MeasureCandidate(Schedule(mod), ms.arg_info.ArgInfo.from_entry_func(mod, True)))
         results.append(ms.runner.RunnerResult([float(s) for s in r.run_secs], None))
     print(f"{len(candidates)} records of {args.database}, {len(cores)} cores; update = one round of 64 records "
           "(the first also warms up the process)")

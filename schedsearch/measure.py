@@ -112,7 +112,7 @@ class WarmBuilder(ms.builder.PyBuilder):
             done, waiting = concurrent.futures.wait(waiting, timeout, concurrent.futures.FIRST_COMPLETED)
             for future in done:
                 done_s.append(time.time() - t0)
-                results[futures[future]] = self._result(future)
+                results[futures[future]] = ms.builder.BuilderResult(*self._outcome(future))
                 if self.runner and results[futures[future]].error_msg is None:
                     self.runner.start(future.result(), self._args_info(build_inputs[futures[future]]))
             if self.defer and deadline is None and len(done_s) >= 0.9 * len(futures):
@@ -140,9 +140,6 @@ class WarmBuilder(ms.builder.PyBuilder):
         """A deferred candidate's build finished, in a pool thread (so plain Python only, no TVM objects,
         while the search runs TVM code in the main thread): run it."""
         self.runner.run_late(token, *self._outcome(future), args_json)
-
-    def _result(self, future) -> ms.builder.BuilderResult:
-        return ms.builder.BuilderResult(*self._outcome(future))
 
     def _outcome(self, future) -> tuple[str | None, str | None]:
         """(artifact path, None) or (None, error)."""

@@ -165,9 +165,9 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     builder = builder or measure.WarmBuilder()
     if hasattr(builder, "start_workers"):  # while the search prepares its first round
         builder.start_workers()
-    # XGBoost on one thread: its OpenMP threads wait at every barrier for any of them whose core is busy
-    # (a deferred build, the runner). H100 host, 16 cores, 2 kept busy: an update on 64 matmul records took
-    # 9-11 s with 16 threads, 0.2-0.3 s with 1, same predictions to the bit (0.2 s either way when idle).
+    # XGBoost on one thread: with many, an update stalls whenever some cores are busy (deferred builds, the
+    # runner). H100 host, 16 cores, 2 kept busy, 64 matmul records an update: 8.9-11.5 s with 16 threads,
+    # 0.21-0.28 s with 1, the same predictions to the bit; idle, 0.2 s either way (docs/results.md).
     cost_model = ms.cost_model.XGBModel(adaptive_training=True, num_tuning_cores=1)
     if cost_model_file is not None:  # a model trained elsewhere (same device): a warm start for every task
         if not Path(cost_model_file).is_file():
