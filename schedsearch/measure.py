@@ -33,13 +33,6 @@ def build_kernel(mod, target, _params):
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
-def _build_worker_setup(cores) -> None:
-    """A build worker runs on `cores`, below the search's priority: deferred builds compile while the
-    search proposes the next round, and the tuning waits for the search, not for them."""
-    os.sched_setaffinity(0, cores)
-    os.nice(10)
-
-
 def _import_build_modules() -> None:
     """A build worker's first task, before the first round: the imports build_kernel needs."""
     from tvm.driver import build  # noqa: F401
@@ -89,7 +82,7 @@ class WarmBuilder(ms.builder.PyBuilder):
         2048³: the first round's builds took 31-47 s when the workers started with them, 15-31 s so)."""
         if self._pool is None:
             self._pool = PopenPoolExecutor(max_workers=len(self.cores), timeout=self.timeout_sec,
-                                           initializer=functools.partial(_build_worker_setup, self.cores))
+                                           initializer=functools.partial(os.sched_setaffinity, 0, self.cores))
             self._built = 0
             for _ in self.cores:  # a task per worker thread: each starts its own process
                 self._pool.submit(_import_build_modules)
