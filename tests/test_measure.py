@@ -1,6 +1,7 @@
 """The builder and runner: the cap on hopeless candidates must never make a capped kernel the reported
 best; arguments are allocated once per task; runs overlap the build; stragglers are deferred, not lost."""
 import os
+import re
 
 import pytest
 
@@ -29,7 +30,9 @@ def test_capped_candidates_are_never_the_best(tmp_path, monkeypatch):
         earlier = [u["latency_us"] for u in measured if u["trial"] < t["trial"] and not u["capped"]]
         assert earlier and t["latency_us"] > 1.05 * min(earlier)
     assert trials[-1]["best_us"] == best
-    assert "built 24 candidates on" in run.log.read_text()  # how long the round's builds trailed
+    # Each candidate is in one round's build line, built or deferred (on 2 busy cores a slow one can be).
+    rounds = re.findall(r"built (\d+) candidates on \d+ workers: [^;\n]*(?:; (\d+) deferred)?", run.log.read_text())
+    assert rounds and sum(int(built) + int(deferred or 0) for built, deferred in rounds) == len(trials)
 
 
 def _call_counting_kernel() -> str:
