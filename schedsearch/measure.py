@@ -87,11 +87,15 @@ class WarmBuilder(ms.builder.PyBuilder):
             for _ in self.cores:  # a task per worker thread: each starts its own process
                 self._pool.submit(_import_build_modules)
 
-    def build(self, build_inputs):
-        self._deferred = [f for f in self._deferred if not f.done()]
-        if self._pool is not None and self._built >= self.RECYCLE_AFTER and not self._deferred:
+    def close(self) -> None:
+        if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+    def build(self, build_inputs):
+        self._deferred = [f for f in self._deferred if not f.done()]
+        if self._built >= self.RECYCLE_AFTER and not self._deferred:
+            self.close()
         self.start_workers()
         self._built += len(build_inputs)
         t0 = time.time()
@@ -281,6 +285,9 @@ class WarmRunner(ms.runner.PyRunner):
         self._started: dict = {}  # artifact path -> future
         self._late: dict = {}  # token -> None while building, then (artifact path, build error, run future)
         self._tokens = 0
+
+    def close(self) -> None:
+        self.pool.shutdown()
 
     def start(self, artifact_path: str, args_info) -> None:
         """Start running a built candidate now, before the tuner asks (artifact paths are unique)."""

@@ -1,6 +1,7 @@
 """Run one search strategy over a workload's tasks with MetaSchedule's machinery; resume from the run dir."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -8,6 +9,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -160,56 +162,73 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     best_file = run.root / "best_s.txt"  # the running task's best, for the runner's cap
     capping_runner = runner is None if capping_runner is None else capping_runner
     measure.share_best_file(best_file)
+    mine = (builder is None, runner is None)  # what this call starts, it shuts down
     if runner is None:
         builder, runner = (builder, measure.WarmRunner(target)) if builder else measure.make_builder_and_runner(target)
     builder = builder or measure.WarmBuilder()
-    if hasattr(builder, "start_workers"):  # while the search prepares its first round
-        builder.start_workers()
-    # XGBoost on one thread: with many, an update stalls whenever some cores are busy (deferred builds, the
-    # runner). H100 host, 16 cores, 2 kept busy, 64 matmul records an update: 8.9-11.5 s with 16 threads,
-    # 0.21-0.28 s with 1, the same predictions to the bit; idle, 0.2 s either way (docs/results.md).
-    cost_model = ms.cost_model.XGBModel(adaptive_training=True, num_tuning_cores=1)
-    if cost_model_file is not None:  # a model trained elsewhere (same device): a warm start for every task
-        if not Path(cost_model_file).is_file():
-            raise UserError(f"cost model file not found: {cost_model_file}")
-        cost_model.load(str(cost_model_file))
-    previous = trials_done(run)
-    for i, task in enumerate(tasks):
-        done = len(previous.get(task.name, []))
-        remaining = trials - done
-        bests = [r["latency_us"] for r in previous.get(task.name, []) if r["latency_us"] is not None]
-        if remaining <= 0:
-            progress(f"[{i + 1}/{len(tasks)} {task.name}]", done, trials, min(bests, default=None), 0)
-            continue
-        log = TrialLog(run, task, i, len(tasks), strategy_name, done, trials, min(bests, default=None), best_file,
-                       capping_runner)
-        log.write_best()
-        strategy = make_strategy(task)
-        if isinstance(strategy, str):
-            strategy = ms.search_strategy.SearchStrategy.create(strategy)
-        stoppable = Stoppable(strategy, lambda: INTERRUPTED.is_set() or (stop is not None and stop()))
-        ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
-                             search_strategy=stoppable, task_name=task.name,
-                             num_threads=len(os.sched_getaffinity(0)), rand_state=seed + i,
-                             logger=logging.getLogger("schedsearch.ms"))
-        results = LateResults(getattr(runner, "take_late", None), [log], stoppable, cost_model, ctx)
-        with searching():
-            ms.tune_tasks(tasks=[ctx], task_weights=[float(task.weight)], work_dir=str(run.root),
-                          max_trials_global=remaining, max_trials_per_task=remaining,
-                          num_trials_per_iter=min(64, remaining), builder=builder, runner=runner,
-                          database=database, cost_model=cost_model, measure_callbacks=[results],
-                          task_scheduler="round-robin")
-            results.finish()
-        if INTERRUPTED.is_set():
-            raise KeyboardInterrupt
-        if getattr(strategy, "error", None) is not None:
-            raise strategy.error
-        if stoppable.stopped:
-            break
-        if log.done < trials:  # the space ran dry before the budget: say so instead of looping
-            print(f"{log.label} search stopped after {log.done} trials: no new candidates", file=sys.stderr)
-    cost_model.save(str(run.root / "cost_model.tar"))  # reusable with --cost-model on the same device
-    return trials_done(run)
+    owned = [x for x, m in zip((builder, runner), mine) if m]
+    try:
+        if hasattr(builder, "start_workers"):  # while the search prepares its first round
+            builder.start_workers()
+        # XGBoost on one thread: with many, an update stalls whenever some cores are busy (deferred builds, the
+        # runner). H100 host, 16 cores, 2 kept busy, 64 matmul records an update: 8.9-11.5 s with 16 threads,
+        # 0.21-0.28 s with 1, the same predictions to the bit; idle, 0.2 s either way (docs/results.md).
+        cost_model = ms.cost_model.XGBModel(adaptive_training=True, num_tuning_cores=1)
+        if cost_model_file is not None:  # a model trained elsewhere (same device): a warm start for every task
+            if not Path(cost_model_file).is_file():
+                raise UserError(f"cost model file not found: {cost_model_file}")
+            with quiet_xgboost_file_format():
+                cost_model.load(str(cost_model_file))
+        previous = trials_done(run)
+        for i, task in enumerate(tasks):
+            done = len(previous.get(task.name, []))
+            remaining = trials - done
+            bests = [r["latency_us"] for r in previous.get(task.name, []) if r["latency_us"] is not None]
+            if remaining <= 0:
+                progress(f"[{i + 1}/{len(tasks)} {task.name}]", done, trials, min(bests, default=None), 0)
+                continue
+            log = TrialLog(run, task, i, len(tasks), strategy_name, done, trials, min(bests, default=None), best_file,
+                           capping_runner)
+            log.write_best()
+            strategy = make_strategy(task)
+            if isinstance(strategy, str):
+                strategy = ms.search_strategy.SearchStrategy.create(strategy)
+            stoppable = Stoppable(strategy, lambda: INTERRUPTED.is_set() or (stop is not None and stop()))
+            ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
+                                 search_strategy=stoppable, task_name=task.name,
+                                 num_threads=len(os.sched_getaffinity(0)), rand_state=seed + i,
+                                 logger=logging.getLogger("schedsearch.ms"))
+            results = LateResults(getattr(runner, "take_late", None), [log], stoppable, cost_model, ctx)
+            with searching():
+                ms.tune_tasks(tasks=[ctx], task_weights=[float(task.weight)], work_dir=str(run.root),
+                              max_trials_global=remaining, max_trials_per_task=remaining,
+                              num_trials_per_iter=min(64, remaining), builder=builder, runner=runner,
+                              database=database, cost_model=cost_model, measure_callbacks=[results],
+                              task_scheduler="round-robin")
+                results.finish()
+            if INTERRUPTED.is_set():
+                raise KeyboardInterrupt
+            if getattr(strategy, "error", None) is not None:
+                raise strategy.error
+            if stoppable.stopped:
+                break
+            if log.done < trials:  # the space ran dry before the budget: say so instead of looping
+                print(f"{log.label} search stopped after {log.done} trials: no new candidates", file=sys.stderr)
+        with quiet_xgboost_file_format():
+            cost_model.save(str(run.root / "cost_model.tar"))  # reusable with --cost-model on the same device
+        return trials_done(run)
+    finally:  # pools left to the GC can deadlock (TVM's PopenPoolExecutor says so)
+        for x in owned:
+            x.close()
+
+
+@contextlib.contextmanager
+def quiet_xgboost_file_format():
+    """XGBModel keeps its booster in a file without extension: XGBoost warns on each save and load that
+    it chose UBJSON, which is right, and the user can do nothing about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*(Saving model in the UBJSON format|Unknown file format)")
+        yield
 
 
 @derived_object
