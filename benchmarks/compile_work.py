@@ -39,7 +39,8 @@ def main() -> None:
     p.add_argument("databases", nargs="+")
     p.add_argument("--jobs", type=int, default=1, help="compiles at once (each is timed on its own)")
     args = p.parse_args()
-    print("database | candidates | unroll >= 512 | median source | compile sum | median | slowest | over 10 s | failed")
+    print("database | candidates | distinct sources | unroll >= 512 | median source | compile sum | median | slowest"
+          " | over 10 s | failed")
     for path in args.databases:
         records = ms.database.JSONDatabase(work_dir=path).get_all_tuning_records()
         built = [source_of(r) for r in records]
@@ -47,7 +48,8 @@ def main() -> None:
             compiled = list(pool.map(functools.partial(compile_one, mode="nvcc", arch=H100["arch"]), [s for s, _ in built]))
         seconds = sorted(t for t, _ in compiled)
         chars = statistics.median(len(s) for s, _ in built)
-        print(f"{path} | {len(built)} | {sum(u >= 512 for _, u in built)} | {chars / 1e3:.1f}k chars | "
+        print(f"{path} | {len(built)} | {len({s for s, _ in built})} | {sum(u >= 512 for _, u in built)} | "
+              f"{chars / 1e3:.1f}k chars | "
               f"{sum(seconds):.0f} s | {statistics.median(seconds):.2f} s | {seconds[-1]:.1f} s | "
               f"{sum(t > 10 for t in seconds)} | {sum(e is not None for _, e in compiled)}")
 
