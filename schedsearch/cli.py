@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="tune a workload and write a run directory")
     t.add_argument("workload", help="KernelBench-format .py problem file or .onnx file")
     t.add_argument("-o", "--output", help="run directory (default runs/<workload>-<strategy>)")
-    t.add_argument("--strategy", default="ansor", help="ansor | rules | llm (default ansor)")
+    t.add_argument("--strategy", default="ansor", help="ansor | rules | llm | hybrid (default ansor)")
     t.add_argument("--trials", type=_positive, default=64, help="hardware measurements per task (default 64)")
     t.add_argument("--target", default="auto", help="auto | llvm | cuda (auto: cuda if a GPU is visible)")
     t.add_argument("--size", default="default", help="workload size from its SIZES dict, e.g. small")
@@ -63,9 +63,10 @@ def add_runner_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_llm_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("LLM search (--strategy llm)")
-    g.add_argument("--llm", default="openai", metavar="SPEC",
-                   help="openai (OPENAI_BASE_URL, OPENAI_API_KEY) | replay:TRANSCRIPT.jsonl | files:DIR")
+    g = p.add_argument_group("LLM search (--strategy llm, hybrid)")
+    g.add_argument("--llm", metavar="SPEC",
+                   help="openai (OPENAI_BASE_URL, OPENAI_API_KEY) | replay:TRANSCRIPT.jsonl | files:DIR "
+                        "(default openai; for hybrid, openai when OPENAI_BASE_URL is set, else no model: rules)")
     g.add_argument("--llm-model", help="model name (default: OPENAI_MODEL, else the endpoint's first model)")
     g.add_argument("--llm-concurrency", type=_positive, default=8, help="requests in flight at once (default 8)")
     g.add_argument("--llm-ideas", type=_positive, default=4, help="ideas asked for per round (default 4)")
@@ -76,12 +77,20 @@ def add_llm_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--llm-price-out", type=float, default=0.0, help="USD per 1M completion tokens")
     g.add_argument("--no-wait", action="store_true",
                    help="with --llm files:DIR, stop after writing requests instead of waiting for answers")
+    g.add_argument("--hybrid-stall-trials", type=_positive, default=64,
+                   help="hybrid: evolution trials without a 1%% faster kernel before the next proposal round (default 64)")
 
 
-def llm_options(args) -> dict:
-    if args.strategy != "llm":
+def llm_options(args, strategy: str | None = None) -> dict:
+    """The LLM's options for `strategy` (default: args.strategy); hybrid without a model gets {"llm": None}."""
+    strategy = strategy or args.strategy
+    if strategy not in ("llm", "hybrid"):
         return {}
-    return {"llm": args.llm, "llm_model": args.llm_model, "concurrency": args.llm_concurrency,
+    llm = args.llm or ("openai" if strategy == "llm" or os.environ.get("OPENAI_BASE_URL") else None)
+    hybrid = {"stall_trials": args.hybrid_stall_trials} if strategy == "hybrid" else {}
+    if llm is None:
+        return {"llm": None, **hybrid}
+    return {**hybrid, "llm": llm, "llm_model": args.llm_model, "concurrency": args.llm_concurrency,
             "ideas": args.llm_ideas, "programs_per_idea": args.llm_programs_per_idea,
             "temperature": args.llm_temperature, "timeout_s": args.llm_timeout,
             "price_in": args.llm_price_in, "price_out": args.llm_price_out, "wait": not args.no_wait}

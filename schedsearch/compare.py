@@ -33,7 +33,7 @@ def add_commands(sub) -> dict:
                                        "time PyTorch baselines, write a report")
     c.add_argument("workloads", nargs="+", help="KernelBench-format .py problem files")
     c.add_argument("-o", "--output", required=True, help="comparison directory")
-    c.add_argument("--strategies", default="ansor,llm", help="comma-separated: ansor, rules, llm (default ansor,llm)")
+    c.add_argument("--strategies", default="ansor,llm", help="comma-separated: ansor, rules, llm, hybrid (default ansor,llm)")
     c.add_argument("--trials", type=_positive, default=64, help="hardware measurements per task and arm (default 64)")
     c.add_argument("--seeds", type=_positive, default=3, help="search seeds per strategy: 0..N-1 (default 3)")
     c.add_argument("--size", default="default", help="workload size from each file's SIZES dict, e.g. small")
@@ -66,10 +66,11 @@ def cmd_compare(args) -> int:
     from .llm_client import PendingResponses
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    llm = llm_options(argparse.Namespace(**{**vars(args), "strategy": "llm"})) if "llm" in strategies else {}
+    llm = llm_options(args, "llm") if "llm" in strategies else {}
+    hybrid = llm_options(args, "hybrid") if "hybrid" in strategies else {}  # {"llm": None, ...}: no model
     out = Path(args.output)
     summary = compare(args.workloads, out, strategies, args.trials, args.seeds, size=args.size, target_name=args.target,
-                      validation_seeds=args.validation_seeds, repeats=args.repeats, llm=llm,
+                      validation_seeds=args.validation_seeds, repeats=args.repeats, llm=llm, hybrid=hybrid,
                       arms_from=Path(args.arms_from) if args.arms_from else None,
                       compile_baselines=not args.no_compile_baselines,
                       peaks={"tflops": args.peak_tflops, "gbs": args.peak_gbs},
@@ -98,7 +99,7 @@ def arm_name(strategy: str, seed: int) -> str:
 
 def compare(workload_paths: list[str], out: Path, strategies: list[str], trials: int, seeds: int, *,
             size: str = "default", target_name: str = "auto", validation_seeds: int = 3, repeats: int = 20,
-            llm: dict | None = None, arms_from: Path | None = None, compile_baselines: bool = True,
+            llm: dict | None = None, hybrid: dict | None = None, arms_from: Path | None = None, compile_baselines: bool = True,
             peaks: dict | None = None, command: list[str] | None = None, runner_spec: str = "local",
             parallel: int = 1) -> dict:
     """Runs (or resumes) every arm and the baselines. Returns {"errors": {arm: traceback}, "invalid": [arm],
@@ -134,6 +135,7 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
         "workloads": [{"name": w.name, "path": str(w.path)} for w in loaded],
         "validation_seeds": validation_seeds, "repeats": repeats, "compile_baselines": compile_baselines,
         "peaks": peaks or {}, "llm": {k: v for k, v in (llm or {}).items() if k != "client"},
+        **({"hybrid": hybrid} if hybrid else {}),
         "arms_from": str(arms_from) if arms_from else None, "parallel": parallel})
 
     jobs = []  # baselines first: on several GPUs they then run while the first arms tune
@@ -153,7 +155,7 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
                     print(f"{wl.name}/{arm_name(strategy, seed)}: finished earlier, skipped", file=sys.stderr)
     settings = {"out": str(out), "workloads": {w.name: str(w.path) for w in loaded}, "size": size,
                 "target": target.kind.name, "target_str": str(target), "trials": trials,
-                "validation_seeds": validation_seeds, "repeats": repeats, "llm": llm or {},
+                "validation_seeds": validation_seeds, "repeats": repeats, "llm": llm or {}, "hybrid": hybrid or {},
                 "compile_baselines": compile_baselines, "command": command, "runner_spec": runner_spec}
     if parallel > 1:
         outcomes = _run_parallel(jobs, settings, parallel, gpu=targets.is_gpu(target))
@@ -205,7 +207,7 @@ def _run_job(job: dict, settings: dict, context: dict) -> dict:
     try:
         tune_workload(wl, target, run, strategy=strategy, trials=trials, seed=seed,
                       validation_seeds=settings["validation_seeds"], repeats=settings["repeats"],
-                      command=settings["command"], strategy_options=settings["llm"] if strategy == "llm" else None,
+                      command=settings["command"], strategy_options=settings.get(strategy) if strategy in ("llm", "hybrid") else None,
                       runner_spec=settings["runner_spec"])
     except PendingResponses as e:
         return {"label": label, "pending": (e.directory, e.paths)}

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import threading
 import time
 from collections import Counter, defaultdict
@@ -32,6 +33,10 @@ MAX_SLEEP_S = 60.0
 
 class LLMError(UserError):
     """A problem with the LLM configuration or its answers that the user must fix."""
+
+
+class TranscriptExhausted(LLMError):
+    """A replayed transcript has no answer for a request: the model said nothing more that can be replayed."""
 
 
 class PendingResponses(LLMError):
@@ -275,8 +280,10 @@ def _retry_after_s(header: str | None) -> float:
 class ReplayClient(LLMClient):
     """Answers from a transcript. The k-th request with a given prompt hash gets the k-th recorded
     response for it (errors included); it runs serially to keep that order. Prompts quote measured
-    latencies, which move between machines and runs: a prompt whose hash is not in the transcript
-    gets the answer recorded for the same request tag (task, round, idea, variation), if any."""
+    latencies, which move between machines and runs, and a search that measures other things in between
+    (hybrid's evolution) numbers its rounds otherwise: a prompt whose hash is not in the transcript gets the
+    first answer not used yet that was recorded for the same request of the same task (ideas, or idea i's
+    variation k), from whatever round, in the transcript's order."""
 
     backend = "replay"
 
@@ -289,12 +296,13 @@ class ReplayClient(LLMClient):
                 raise LLMError(f"transcript {self.source} holds several models ({', '.join(map(str, models))}): "
                                "pass --llm-model")
             model = models.pop() if models else None
-        self._answers: dict[str, list[dict]] = defaultdict(list)
-        self._by_tag: dict[str, list[dict]] = defaultdict(list)
-        for r in records:
-            self._answers[r["hash"]].append(r)
+        self._answers: dict[str, list[int]] = defaultdict(list)  # prompt hash -> record indices
+        self._by_request: dict[str, list[int]] = defaultdict(list)  # tag less its round -> record indices
+        for i, r in enumerate(records):
+            self._answers[r["hash"]].append(i)
             if r.get("tag"):
-                self._by_tag[r["tag"]].append(r)
+                self._by_request[_without_round(r["tag"])].append(i)
+        self._records, self._unused = records, set(range(len(records)))
         self._used = Counter()
         if transcript and Path(transcript).resolve() == self.source.resolve():
             transcript = None  # never append to the transcript being replayed
@@ -303,17 +311,27 @@ class ReplayClient(LLMClient):
     def _complete_one(self, request: Request) -> Response:
         digest, start = self.prompt_hash(request), time.monotonic()
         with self._lock:
-            key = digest if digest in self._answers or not request.tag else "tag:" + request.tag
-            answers = self._answers.get(digest) or self._by_tag.get(request.tag, [])
-            k = self._used[key]
-            self._used[key] += 1
-        if k >= len(answers):
+            if digest in self._answers:
+                answers, k = self._answers[digest], self._used[digest]
+                self._used[digest] += 1
+                found = answers[k] if k < len(answers) else None
+            else:
+                answers = [i for i in self._by_request.get(_without_round(request.tag or ""), []) if i in self._unused]
+                found, k = (answers[0] if answers else None), 0
+            if found is not None:
+                self._unused.discard(found)
+        if found is None:
             more = f" (it has {len(answers)}, this is request {k + 1} with that prompt)" if answers else ""
-            raise LLMError(f"replay: transcript {self.source} has no response for this prompt "
+            raise TranscriptExhausted(f"replay: transcript {self.source} has no response for this prompt "
                            f"(hash {digest}, model {self.model}){more}")
-        r = answers[k]
+        r = self._records[found]
         return self._finish(request, digest, r.get("text"), r.get("error"), r.get("usage"),
                             time.monotonic() - start, int(r.get("attempts", 1)))
+
+
+def _without_round(tag: str) -> str:
+    """`task|r3|i0|s1` -> `task|i0|s1`: the same request, whatever the round."""
+    return re.sub(r"\|r\d+(?=\||$)", "", tag)
 
 
 def _read_response_records(path: Path) -> list[dict]:

@@ -369,3 +369,25 @@ def make_builder_and_runner(target: Target, overlap: bool | None = None,
                             defer_stragglers: bool = True) -> tuple[WarmBuilder, WarmRunner]:
     runner = WarmRunner(target, overlap=overlap, defer=defer_stragglers)
     return WarmBuilder(runner, defer_stragglers=defer_stragglers), runner
+
+
+def update_cost_model(cost_model, ctx, candidates: list, results: list) -> None:
+    """`cost_model.update`, less the candidates whose features TVM cannot extract: on the H200, mutants of
+    an LLM matmul program built and ran, then failed there ("All loops that are bound to `threadIdx.x`
+    should have the same extent"), which ended the search; one such kernel must not cost the rest."""
+    try:
+        cost_model.update(ctx, candidates, results)
+        return
+    except Exception:  # TVM raises RuntimeError, TVMError...
+        pass
+    extractor, keep = ms.feature_extractor.PerStoreFeature(), []
+    for c, r in zip(candidates, results):
+        try:
+            extractor.extract_from(ctx, [c])
+            keep.append((c, r))
+        except Exception as e:
+            logging.getLogger("schedsearch.ms").warning("a measured candidate left out of the cost model: %s",
+                                                        str(e).strip().splitlines()[-1][:200] if str(e).strip() else e)
+    if keep:
+        cost_model.update(ctx, [c for c, _ in keep], [r for _, r in keep])
+

@@ -68,7 +68,7 @@ PEAKS = [
 ]
 
 BASELINES = {"eager": "PyTorch eager", "compile": "torch.compile", "compile-max-autotune": "torch.compile max-autotune"}
-COLORS = {"ansor": "#1f77b4", "llm": "#d62728", "rules": "#2ca02c"}
+COLORS = {"ansor": "#1f77b4", "llm": "#d62728", "rules": "#2ca02c", "hybrid": "#9467bd"}
 ALL_TASKS = "all tasks"
 
 
@@ -429,6 +429,10 @@ def _notes(data: dict, wls: list[_Workload], peak: dict | None) -> list[str]:
     if "rules" in exp["strategies"]:
         notes.append("rules is a rule-based proposer with no language model: it redraws decisions of MetaSchedule's "
                      "own design-space sketches and of the best programs so far. It is a control arm, not an LLM.")
+    if "hybrid" in exp["strategies"]:
+        notes.append("hybrid measures proposals (the LLM's programs, else the rules proposer's) and continues with "
+                     "MetaSchedule's evolutionary search from them, back to proposals when evolution stalls; "
+                     "its results.json says per task which trials came from which.")
     for wl in wls:
         notes += _arm_notes(wl, exp)
         notes += _speed_notes(wl)
@@ -509,10 +513,12 @@ def _llm_notes(wls: list[_Workload]) -> list[str]:
     notes = []
     backends: dict[tuple, list[str]] = {}
     for wl in wls:
-        for a in wl.done.get("llm", []):
-            u = a["results"].get("search", {}).get("llm") or {}
+        for strategy, a in [(s, a) for s in ("llm", "hybrid") for a in wl.done.get(s, [])]:
+            u = a["results"].get("search", {}).get("llm")
+            if u is None:  # hybrid without a model
+                continue
             key = (u.get("backend", "unknown"), u.get("model"), bool(u.get("tokens_estimated")))
-            backends.setdefault(key, []).append(f"{wl.name} seed {a['seed']}")
+            backends.setdefault(key, []).append(f"{wl.name} {strategy} seed {a['seed']}")
     for (backend, model, estimated), where in backends.items():
         text = {"replay": "came from the replay backend: answers were read back from a recorded transcript, "
                           "no model was queried in this run",

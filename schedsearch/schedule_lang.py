@@ -532,21 +532,113 @@ def fresh_schedule(mod, **kwargs) -> Schedule:
     return Schedule(tvm.ir.load_json(tvm.ir.save_json(mod)), **kwargs)
 
 
-def apply(program: Program, sch: Schedule) -> None:
+# MetaSchedule's unroll steps for CUDA (ParallelizeVectorizeUnroll in its default rules).
+UNROLL_STEPS = (0, 16, 64, 512, 1024)
+_UNROLL_KEYS = ("meta_schedule.unroll_explicit", "meta_schedule.unroll_implicit")
+
+
+def _vectorized_names(program: Program) -> set[str]:
+    return {name for st in program.statements if st.primitive == "vectorize"
+            for name in _refs(st.args + tuple(v for _, v in st.kwargs))}
+
+
+def _thread_bound_names(program: Program) -> set[str]:
+    """Loops bound to threadIdx, directly or through the loops fused into them, and the sampled tile sizes
+    that make them."""
+    bound = {name for st in program.statements if st.primitive == "bind"
+             and str(dict(st.kwargs).get("thread_axis", st.args[1] if len(st.args) > 1 else "")).startswith("threadIdx")
+             for name in _refs(dict(st.kwargs).get("loop", st.args[0] if st.args else None))}
+    for st in reversed(program.statements):
+        if st.primitive == "fuse" and set(st.targets) & bound:
+            bound |= set(_refs(st.args + tuple(v for _, v in st.kwargs)))
+        if st.primitive == "split" and set(st.targets) & bound:
+            bound |= set(_refs(dict(st.kwargs).get("factors", st.args[1] if len(st.args) > 1 else None)))
+    return bound
+
+
+def _lift(st: Statement, sch: Schedule, args: list, kwargs: dict, vectorized: set[str],
+          threaded: set[str]) -> tuple[list, dict]:
+    """The same call with its literal choices turned into sampled decisions, so that MetaSchedule's mutators
+    can move them: a perfect literal split becomes sample_perfect_tile(decision=factors) + split, a literal
+    unroll step a sample_categorical over UNROLL_STEPS. The kernel is the same; only the trace differs.
+    A split that makes a threadIdx loop stays literal, and a sampled tile that makes one becomes literal
+    (`apply`): a model binds several blocks' loops to threadIdx with one extent, and moving one of them alone
+    breaks the kernel. On the H200, mutants of LLM matmul programs failed to lower ("All loops that are bound
+    to `threadIdx.x` should have the same extent", which ended the search), and one that did not computed
+    half of the output (512 threads of work, its shared-memory fetch split for 256): 2,322 us, invalid."""
+    bound = _SIGNATURES[st.primitive].bind(*args, **kwargs)
+    a = bound.arguments
+    if st.primitive == "split":
+        if set(st.targets) & threaded:
+            return args, kwargs
+        factors = a.get("factors")
+        if not (isinstance(factors, list) and 2 <= len(factors) <= MAX_TILE_PARTS
+                and all(type(f) is int and f >= 1 for f in factors)):
+            return args, kwargs
+        extent = sch.get(a["loop"]).extent
+        if not hasattr(extent, "value") or math.prod(factors) != int(extent.value):
+            return args, kwargs  # not a perfect split: predicated, and not a tile the mutators could move
+        # A vectorized innermost part keeps its width as the limit: wider vectors fail to build on CUDA.
+        inner = st.targets[-1] if st.targets else None
+        limit = factors[-1] if inner in vectorized else max(64, factors[-1])
+        a["factors"] = list(sch.sample_perfect_tile(loop=a["loop"], n=len(factors), max_innermost_factor=limit,
+                                                    decision=factors))
+        return list(bound.args), dict(bound.kwargs)
+    if st.primitive == "annotate" and a.get("ann_key") in _UNROLL_KEYS and type(a.get("ann_val")) is int:
+        steps = sorted(set(UNROLL_STEPS) | {a["ann_val"]})
+        a["ann_val"] = sch.sample_categorical(candidates=steps, probs=[1 / len(steps)] * len(steps),
+                                              decision=steps.index(a["ann_val"]))
+        return list(bound.args), dict(bound.kwargs)
+    return args, kwargs
+
+
+def root_annotations_last(program: Program) -> Program:
+    """The program with its annotations of the root block moved to the end of its scheduling part: the
+    same kernel (only post-processors read them), and a trace that TVM 0.27 re-applies safely. Re-applying
+    a trace that annotates the root and then splits a loop below a statement sequence rewrites the module
+    it is applied to in place (ScheduleState::Replace copies on write only nodes with an sref; measured on
+    the H200 LLM layernorm records, whose programs annotate first: a corrupt database, then heap
+    corruption in `build`); MetaSchedule's evolution re-applies traces to one module per thread."""
+    roots = {st.targets[0] for st in program.statements if st.primitive == "get_sblock" and st.targets
+             and dict(st.kwargs).get("name", st.args[0] if st.args else None) == "root"}
+    statements = list(program.statements)
+    end = next((i for i, st in enumerate(statements) if st.primitive == "enter_postproc"), len(statements))
+    moved = [st for st in statements[:end] if st.primitive in ("annotate", "unannotate")
+             and set(_refs(st.args + tuple(v for _, v in st.kwargs))) & roots]
+    if not moved:
+        return program
+    kept = [st for st in statements[:end] if not any(st is m for m in moved)]
+    return Program(tuple(kept + moved + statements[end:]))
+
+
+def apply(program: Program, sch: Schedule, lift: bool = False) -> None:
     """Run `program` on `sch` in place; on error `sch` keeps the statements before the failing one.
+    `lift`: for a trace MetaSchedule's evolution can replay and mutate, the root's annotations go last
+    (`root_annotations_last`) and literal split factors and unroll steps before post-processing become
+    sampled decisions (`_lift`). The kernel is the same.
 
     Make `sch` with `fresh_schedule(mod)`, never `Schedule(mod)` (see there).
     """
     env: dict[str, object] = {}
     locations: set[str] = set()
+    if lift:
+        program = root_annotations_last(program)
+    vectorized, threaded = (_vectorized_names(program), _thread_bound_names(program)) if lift else (set(), set())
     for st in program.statements:
         if st.primitive not in PRIMITIVES:  # Programs are made by parse; refuse hand-made ones too
             raise ScheduleLangError(st.line, f"unknown primitive sch.{st.primitive}")
         _check_arguments(st, locations)
         _track_locations(st, locations)
+        lift = lift and st.primitive != "enter_postproc"
         args = [_resolve(a, env, st.line) for a in st.args]
         kwargs = {_python_keyword(st.primitive, k): _resolve(v, env, st.line) for k, v in st.kwargs}
+        if lift and st.primitive == "sample_perfect_tile" and set(st.targets) & threaded \
+                and kwargs.get("decision") is not None:
+            env.update(zip(st.targets, kwargs["decision"]))  # a thread extent: literal, as the model wrote it
+            continue
         try:
+            if lift and st.primitive in ("split", "annotate"):
+                args, kwargs = _lift(st, sch, args, kwargs, vectorized, threaded)
             _check_in_schedule(st, sch, args, kwargs)
             result = getattr(sch, st.primitive)(*args, **kwargs)
         except ScheduleLangError:

@@ -35,6 +35,7 @@ class TrialLog(ms.measure_callback.PyMeasureCallback):
         self.capping_runner = capping_runner  # measure.WarmRunner: only it caps (and says so)
         self.label = f"[{task_index + 1}/{n_tasks} {task.name}]"
         self.done, self.budget, self.best_us, self.errors = done, budget, best_us, 0
+        self.origin_of = None  # the strategy's `origin_of(candidate)`, where it says who made each one
         self.t0 = time.time()
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
@@ -53,6 +54,7 @@ class TrialLog(ms.measure_callback.PyMeasureCallback):
                     "task": self.task.name, "trial": self.done, "strategy": self.strategy,
                     "latency_us": us, "best_us": self.best_us, "capped": capped,
                     "error": _short_error(error) if error else None,
+                    **({"origin": self.origin_of(cand)} if self.origin_of else {}),
                     "elapsed_s": round(time.time() - self.t0, 3), "started": round(self.t0, 3),
                 }) + "\n")
         self.write_best()
@@ -112,7 +114,7 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
         learn = [(c, r) for c, b, r in rows
                  if b.error_msg is None and (r.error_msg or sum(map(float, r.run_secs or [])) > 0)]
         if learn:
-            self.cost_model.update(self.ctx, [c for c, _ in learn], [r for _, r in learn])
+            measure.update_cost_model(self.cost_model, self.ctx, [c for c, _ in learn], [r for _, r in learn])
         # Part of the time between a round's build and the next round's candidates, for tune.log.
         logging.getLogger("schedsearch.ms").info("recorded %d results in %.1f s, cost model updated in %.1f s",
                                                  len(rows), t1 - t0, time.time() - t1)
@@ -150,11 +152,12 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
            make_strategy: StrategyFactory, trials: int, seed: int = 0,
            runner: ms.runner.Runner | None = None, builder: ms.builder.Builder | None = None,
            cost_model_file: Path | None = None, capping_runner: bool | None = None,
-           stop: Callable[[], bool] | None = None) -> dict[str, dict]:
+           stop: Callable[[], bool] | None = None, cost_model_warmup: int = 100) -> dict[str, dict]:
     """Give each task `trials` hardware measurements in total (earlier runs in `run` count).
     `runner`/`builder`: where candidates are measured/built (default: measure.py's, on this machine);
     `capping_runner`: whether `runner` measures with measure.run_evaluator_capped (ours do);
-    `stop`: asked before each round; True ends the search there (Ctrl-C does too, then raises)."""
+    `stop`: asked before each round; True ends the search there (Ctrl-C does too, then raises);
+    `cost_model_warmup`: measurements before XGBoost's predictions replace random ones (stock: 100)."""
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
     _log_to_file(run.log)
@@ -173,7 +176,8 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
         # XGBoost on one thread: with many, an update stalls whenever some cores are busy (deferred builds, the
         # runner). H100 host, 16 cores, 2 kept busy, 64 matmul records an update: 8.9-11.5 s with 16 threads,
         # 0.21-0.28 s with 1, the same predictions to the bit; idle, 0.2 s either way (docs/results.md).
-        cost_model = ms.cost_model.XGBModel(adaptive_training=True, num_tuning_cores=1)
+        cost_model = ms.cost_model.XGBModel(adaptive_training=True, num_tuning_cores=1,
+                                            num_warmup_samples=cost_model_warmup)
         if cost_model_file is not None:  # a model trained elsewhere (same device): a warm start for every task
             if not Path(cost_model_file).is_file():
                 raise UserError(f"cost model file not found: {cost_model_file}")
@@ -193,6 +197,7 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
             strategy = make_strategy(task)
             if isinstance(strategy, str):
                 strategy = ms.search_strategy.SearchStrategy.create(strategy)
+            log.origin_of = getattr(strategy, "origin_of", None)
             stoppable = Stoppable(strategy, lambda: INTERRUPTED.is_set() or (stop is not None and stop()))
             ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
                                  search_strategy=stoppable, task_name=task.name,
@@ -296,7 +301,8 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
     measure.share_best_file(run.root / "best_s.txt")  # before the RPC runner starts its processes
     runner = None if rpc_at is None else rpc.make_rpc_runner(*rpc_at, target, measure.evaluator_config(target))
     by_task = search(tasks, target, run, strategy, factory, trials, seed, runner=runner,
-                     cost_model_file=cost_model_file, capping_runner=True)
+                     cost_model_file=cost_model_file, capping_runner=True,
+                     cost_model_warmup=getattr(factory, "cost_model_warmup", 100))
     tuning_s = time.time() - t0 + earlier_s
 
     database = ms.database.JSONDatabase(work_dir=str(run.database))
@@ -343,9 +349,19 @@ def task_summary(task: Task, trials: list[dict]) -> dict:
         if r["latency_us"] is not None and (best is None or r["latency_us"] < best):
             best = r["latency_us"]
             curve.append([r["trial"], best])
-    return {"name": task.name, "weight": task.weight, "flops": task.flops, "bytes": param_bytes(task.mod),
-            "trials": len(trials), "errors": sum(r["error"] is not None for r in trials), "best_us": best,
-            "curve": curve}
+    out = {"name": task.name, "weight": task.weight, "flops": task.flops, "bytes": param_bytes(task.mod),
+           "trials": len(trials), "errors": sum(r["error"] is not None for r in trials), "best_us": best,
+           "curve": curve}
+    origins: dict[str, dict] = {}
+    for r in trials:
+        if r.get("origin"):
+            o = origins.setdefault(r["origin"], {"trials": 0, "best_us": None})
+            o["trials"] += 1
+            if r["latency_us"] is not None and (o["best_us"] is None or r["latency_us"] < o["best_us"]):
+                o["best_us"] = r["latency_us"]
+    if origins:  # which proposer (or evolution) made the trials, and the best of each
+        out["origins"] = origins
+    return out
 
 
 def param_bytes(mod: tvm.IRModule) -> int:

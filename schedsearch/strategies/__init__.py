@@ -6,7 +6,7 @@ from typing import Callable
 
 from ..errors import UserError
 
-NAMES = ("ansor", "rules", "llm")
+NAMES = ("ansor", "rules", "llm", "hybrid")
 
 
 def make(name: str, **options) -> Callable:
@@ -17,4 +17,7 @@ def make(name: str, **options) -> Callable:
     if name in ("rules", "llm"):
         from .proposals import make_proposal_strategy
         return make_proposal_strategy(name, **options)
+    if name == "hybrid":
+        from .hybrid import make_hybrid_strategy
+        return make_hybrid_strategy(**options)
     raise UserError(f"unknown strategy {name!r}: choose from {', '.join(NAMES)}")

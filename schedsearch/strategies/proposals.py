@@ -71,6 +71,10 @@ class Proposer(Protocol):
     def record(self, outcomes: list[Outcome], proposals: list[Proposal]) -> None: ...
 
 
+def measure_candidate(sch) -> ms.MeasureCandidate:
+    return ms.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, True))
+
+
 @derived_object
 class ProposalSearch(ms.search_strategy.PySearchStrategy):
     def __init__(self, proposer: Proposer, target_facts: dict, explore: float = 0.2, oversample: int = 2,
@@ -87,6 +91,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
     def _initialize_with_tune_context(self, context) -> None:
         self.context = context
         self.postprocs = list(context.space_generator.postprocs)
+        self.features = ms.feature_extractor.PerStoreFeature()
         self.rng = random.Random(self.seed)
 
     def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database, cost_model):
@@ -100,6 +105,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
             except ScheduleLangError:  # e.g. tensor-core sketches use index maps, outside the language
                 continue
         self.seen: set[int] = set()
+        self.origins: dict[int, str] = {}  # kernel hash -> who proposed it, for trials.jsonl
         self.measured: list[Outcome] = []
         self.rejected: list[Outcome] = []
         self.pending: list[tuple[Outcome, Proposal]] = []
@@ -129,7 +135,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
                 cands.append(cand)
                 results.append(ms.runner.RunnerResult(run_secs=secs, error_msg=None))
         if cands:
-            self.cost_model.update(self.context, cands, results)
+            measure.update_cost_model(self.cost_model, self.context, cands, results)
         self.measured.sort(key=lambda o: o.latency_us)
 
     def generate_measure_candidates(self):
@@ -164,8 +170,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
         self.round_times.append({"round": self.round, "proposals": len(proposals), "valid": len(schedules),
                                  "propose_s": t_check - t_propose, "check_s": t_rank - t_check,
                                  "rank_s": time.time() - t_rank, "total_s": time.time() - t0})
-        return [ms.MeasureCandidate(schedules[i], ms.arg_info.ArgInfo.from_entry_func(schedules[i].mod, True))
-                for i in chosen]
+        return [measure_candidate(schedules[i]) for i in chosen]
 
     def _check(self, proposals: list[Proposal]):
         outcomes, schedules = [], {}
@@ -177,12 +182,15 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
                 program = schedule_lang.parse(p.program)
                 sch = schedule_lang.fresh_schedule(self.context.mod, seed=self.rng.randrange(1, 1 << 30),
                                                    debug_mask="all")
-                schedule_lang.apply(program, sch)
+                schedule_lang.apply(program, sch, lift=True)  # the same kernel, as a trace evolution can move
+                out.program = "\n".join(sch.trace.as_python(remove_postproc=True))  # what is measured, lifted
                 sch.enter_postproc()
                 for post in self.postprocs:
                     if not post.apply(sch):
                         raise ScheduleLangError(len(program), f"the program is invalid for this target: "
                                                               f"post-processor {type(post).__name__} rejected it")
+                # The cost model lowers each candidate for its features, and an error there ends the search.
+                self.features.extract_from(self.context, [measure_candidate(sch)])
             except ScheduleLangError as e:
                 out.reason = str(e)
                 self.rejected.append(out)
@@ -203,8 +211,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
     def _rank(self, outcomes: list[Outcome], schedules: dict, want: int) -> list[int]:
         """Top by predicted speed, plus an exploration share drawn at random from the rest."""
         idx = list(schedules)
-        cands = [ms.MeasureCandidate(schedules[i], ms.arg_info.ArgInfo.from_entry_func(schedules[i].mod, True))
-                 for i in idx]
+        cands = [measure_candidate(schedules[i]) for i in idx]
         scores = [float(s) for s in self.cost_model.predict(self.context, cands)]
         for i, s in zip(idx, scores):
             outcomes[i].predicted = s
@@ -214,8 +221,33 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
         rest = order[want - n_explore:]
         chosen = top + self.rng.sample(rest, n_explore)
         for i in chosen:
-            self.seen.add(tvm_ffi.structural_hash(schedules[i].mod))
+            h = tvm_ffi.structural_hash(schedules[i].mod)
+            self.seen.add(h)
+            self.origins[h] = self.proposer.label
         return chosen
+
+    def origin_of(self, candidate) -> str | None:
+        return self.origins.get(tvm_ffi.structural_hash(candidate.sch.mod))
+
+    def add_results(self, candidates, results, source: str) -> None:
+        """Results of candidates another search made (hybrid's evolution): they count against the budget and
+        join the history the proposer sees, as programs where the language can say them."""
+        for cand, r in zip(candidates, results):
+            self.trials += 1
+            h = tvm_ffi.structural_hash(cand.sch.mod)
+            self.seen.add(h)
+            self.origins[h] = source
+            try:
+                program = schedule_lang.from_trace(cand.sch.trace)
+            except ScheduleLangError:
+                continue
+            out = Outcome(program, source, "measuring")
+            token = measure.deferred_token(r.error_msg)
+            if token is not None:
+                self.measuring[token] = (out, Proposal(program, source))
+            else:
+                self._outcome(out, r)
+        self.measured.sort(key=lambda o: o.latency_us)
 
     def notify_runner_results(self, measure_candidates, results) -> None:
         for (out, proposal), r in zip(self.pending, results):
@@ -264,19 +296,28 @@ def make_proposal_strategy(name: str, target, seed: int = 0, run=None, **options
     else:
         from .llm import make_llm_proposer
         proposer_for = make_llm_proposer(run=run, target_facts=target_facts, seed=seed, **options)
-    searches: list[ProposalSearch] = []
+    return search_factory(name, proposer_for, target_facts, seed, getattr(proposer_for, "client", None))
+
+
+def search_factory(name: str, proposer_for, target_facts: dict, seed: int, client=None, wrap=None):
+    """-> factory `task -> ProposalSearch` (or `wrap(ProposalSearch)`), with `.stats()` for results.json."""
+    searches: list = []
 
     def factory(task):
-        searches.append(ProposalSearch(proposer_for(task), target_facts, seed=seed))
+        search = ProposalSearch(proposer_for(task), target_facts, seed=seed)
+        searches.append(search if wrap is None else wrap(search))
         return searches[-1]
 
     def stats() -> dict:
-        rounds = [r for s in searches for r in s.round_times]
-        out = {"proposer": searches[0].proposer.label if searches else name, "rounds": rounds}
+        inner = [getattr(s, "proposals", s) for s in searches]
+        rounds = [r for s in inner for r in s.round_times]
+        out = {"proposer": inner[0].proposer.label if inner else name, "rounds": rounds}
         if rounds:
             out["mean_round_s_besides_measurement"] = sum(r["total_s"] for r in rounds) / len(rounds)
-        if hasattr(proposer_for, "client"):
-            out["llm"] = proposer_for.client.usage()
+        if wrap is not None:
+            out["phases"] = {s.proposals.context.task_name: s.phases for s in searches}
+        if client is not None:
+            out["llm"] = client.usage()
         return out
 
     factory.stats = stats

@@ -1,0 +1,132 @@
+"""Hybrid search on LLVM: a transcript is recorded against a scripted OpenAI-compatible server on 127.0.0.1
+(its programs are written here, by hand, with literal tile sizes as a model writes them; nothing here is an
+LLM's output), then `--strategy hybrid --llm replay:` tunes from it: the programs are lifted into sampled
+decisions and MetaSchedule's evolution mutates them."""
+import json
+
+import pytest
+from tvm.s_tir import meta_schedule as ms
+
+from conftest import ROOT
+from fake_openai import FakeOpenAI
+from schedsearch import frontend, schedule_lang, target as targets, workload
+from schedsearch.cli import main
+
+MATMUL = str(ROOT / "workloads/level1/matmul.py")
+LAYERNORM = str(ROOT / "workloads/level1/layernorm.py")
+
+# For the small (128^3) matmul: a structure none of MetaSchedule's CPU sketches has (no cache_write, no
+# parallel-vectorize-unroll annotations), so that a kernel of this structure with other tile sizes can only
+# come from evolution mutating this program.
+MATMUL_PROGRAM = """b0 = sch.get_sblock(name="matmul", func_name="main")
+l1, l2, l3 = sch.get_loops(block=b0)
+l4, l5 = sch.split(loop=l1, factors=[8, 16], preserve_unit_iters=True, disable_predication=False)
+l6, l7 = sch.split(loop=l2, factors=[16, 8], preserve_unit_iters=True, disable_predication=False)
+l8, l9 = sch.split(loop=l3, factors=[32, 4], preserve_unit_iters=True, disable_predication=False)
+sch.reorder(l4, l6, l8, l5, l9, l7)
+sch.parallel(loop=l4)
+sch.vectorize(loop=l7)"""
+
+# For the small layernorm (rows of 4 x 16 x 16).
+LAYERNORM_PROGRAM = """b0 = sch.get_sblock(name="ln_shift", func_name="main")
+b1 = sch.get_sblock(name="ln_stats", func_name="main")
+b2 = sch.get_sblock(name="T_layer_norm", func_name="main")
+sch.compute_inline(block=b0)
+l3, l4, l5, l6 = sch.get_loops(block=b1)
+l7 = sch.fuse(l4, l5, l6, preserve_unit_iters=True)
+l8, l9 = sch.split(loop=l7, factors=[256, 4], preserve_unit_iters=True, disable_predication=False)
+l10, l11, l12, l13 = sch.get_loops(block=b2)
+l14 = sch.fuse(l11, l12, l13, preserve_unit_iters=True)
+l15, l16 = sch.split(loop=l14, factors=[64, 16], preserve_unit_iters=True, disable_predication=False)
+sch.parallel(loop=l10)
+sch.vectorize(loop=l16)"""
+
+
+def task_of(path: str, tmp_path):
+    wl = workload.load(path, "small")
+    mod = frontend.import_onnx(frontend.export_onnx(wl, tmp_path / "m.onnx"), wl.shapes())
+    [task] = frontend.extract_tasks(mod, targets.resolve("llvm"))
+    return task
+
+
+def structure(trace) -> tuple[list[str], list]:
+    """Instruction kinds before post-processing, and the sampling decisions among them."""
+    kinds, decisions = [], []
+    for inst in trace.insts:
+        if inst.kind.name == "EnterPostproc":
+            break
+        kinds.append(inst.kind.name)
+        if inst.kind.name in ("SamplePerfectTile", "SampleCategorical"):
+            decisions.append([int(d) for d in trace.decisions[inst]] if inst.kind.name == "SamplePerfectTile"
+                             else int(trace.decisions[inst]))
+    return kinds, decisions
+
+
+def test_lifting_keeps_the_kernel_and_makes_tiles_sampled(tmp_path):
+    task = task_of(MATMUL, tmp_path)
+    program = schedule_lang.parse(MATMUL_PROGRAM)
+    plain, lifted = schedule_lang.fresh_schedule(task.mod), schedule_lang.fresh_schedule(task.mod)
+    schedule_lang.apply(program, plain)
+    schedule_lang.apply(program, lifted, lift=True)
+    import tvm_ffi
+    assert tvm_ffi.structural_hash(plain.mod) == tvm_ffi.structural_hash(lifted.mod)
+    kinds, decisions = structure(lifted.trace)
+    assert kinds.count("SamplePerfectTile") == 3 and decisions == [[8, 16], [16, 8], [32, 4]]
+    assert structure(plain.trace)[0].count("SamplePerfectTile") == 0
+    # The vectorized innermost tile keeps its width as the mutators' limit; the others may grow to 64.
+    limits = [int(i.attrs[1]) for i in lifted.trace.insts if i.kind.name == "SamplePerfectTile"]
+    assert limits == [64, 8, 64]
+    # MetaSchedule's own tile-size mutator moves the lifted program (and replays it).
+    ctx = ms.TuneContext(mod=task.mod, target=targets.resolve("llvm"), space_generator="post-order-apply",
+                         task_name="t", rand_state=1)
+    mutator = ms.mutator.MutateTileSize()
+    mutator._initialize_with_tune_context(ctx)
+    moved = {tuple(map(tuple, structure(t)[1])) for t in filter(None, (mutator.apply(lifted.trace) for _ in range(20)))}
+    assert moved and all(len(d) == 3 for d in moved) and ((8, 16), (16, 8), (32, 4)) not in moved
+
+
+def record_transcript(tmp_path, workload_path: str, program: str, monkeypatch) -> str:
+    """`--strategy llm` against the scripted server for one round: the run's transcript.jsonl."""
+    def script(request):
+        if "optimisation ideas" in request["messages"][-1]["content"]:
+            return "- tile all three loops, parallel outer, vectorized inner"
+        return f"```python\n{program}\n```"
+
+    out = tmp_path / "llm"
+    with FakeOpenAI(script) as srv:
+        monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "test")
+        assert main(["tune", workload_path, "--size", "small", "--strategy", "llm", "--llm-model", "fake-model",
+                     "--trials", "1", "-o", str(out), "--target", "llvm", "--llm-ideas", "1",
+                     "--llm-programs-per-idea", "1", "--validation-seeds", "1", "--repeats", "3"]) == 0
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    return str(out / "transcript.jsonl")
+
+
+@pytest.mark.parametrize("path, program", [(MATMUL, MATMUL_PROGRAM), (LAYERNORM, LAYERNORM_PROGRAM)],
+                         ids=["matmul", "layernorm"])
+def test_hybrid_replay_tunes_and_evolution_mutates_the_llm_program(path, program, tmp_path, monkeypatch):
+    transcript = record_transcript(tmp_path, path, program, monkeypatch)
+    out = tmp_path / "hybrid"
+    # One proposal round (the replayed program), then evolution alone for the rest of the budget.
+    assert main(["tune", path, "--size", "small", "--strategy", "hybrid", "--llm", f"replay:{transcript}",
+                 "--trials", "24", "-o", str(out), "--target", "llvm", "--llm-ideas", "1",
+                 "--llm-programs-per-idea", "1", "--hybrid-stall-trials", "1000", "--validation-seeds", "1",
+                 "--repeats", "3"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["validation"]["passed"]
+    [task] = res["tasks"]
+    assert task["trials"] == 24
+    assert task["origins"]["llm:fake-model"]["trials"] == 1 and task["origins"]["evolution"]["trials"] == 23
+    assert [p["source"] for p in res["search"]["phases"][task["name"]]][:2] == ["llm:fake-model", "evolution"]
+    trials = [json.loads(l) for l in (out / "trials.jsonl").read_text().splitlines()]
+    assert trials[0]["origin"] == "llm:fake-model" and {t["origin"] for t in trials[1:]} == {"evolution"}
+
+    db = ms.database.JSONDatabase(work_dir=str(out / "database"))
+    lifted = schedule_lang.fresh_schedule(task_of(path, tmp_path).mod)
+    schedule_lang.apply(schedule_lang.parse(program), lifted, lift=True)
+    kinds, decisions = structure(lifted.trace)
+    records = [structure(r.trace) for r in db.get_all_tuning_records()]
+    assert (kinds, decisions) in records  # the program itself, as measured
+    mutants = [d for k, d in records if k == kinds and d != decisions]
+    assert mutants, "evolution measured no kernel of the program's structure with other decisions"
