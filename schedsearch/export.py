@@ -234,11 +234,18 @@ def arch_problem(arch: str, compute_version: str) -> str | None:
 
 def _check_device(root: Path, manifest: dict) -> None:
     arch = manifest["arch"]
+    from . import target as targets
+
     if manifest["target_kind"] != "cuda":
         if arch != platform.machine():
             raise UserError(f"{root} was compiled for {arch} CPUs, this machine is {platform.machine()}")
+        missing = targets.missing_cpu_features(_manifest_target(manifest))
+        if missing:  # it would die of SIGILL at its first call
+            wl = manifest["workload"]
+            raise UserError(f"{root} was compiled for {manifest['device'].get('mcpu') or 'another CPU'}, which has "
+                            f"{', '.join(missing)}; this CPU does not: rebuild it here: schedsearch build "
+                            f"{root / wl['file']} --size {wl['size']} --schedules {root / DATABASE} -o DIR")
         return
-    from . import target as targets
 
     if not targets.cuda_visible():
         raise UserError(f"{root} was compiled for CUDA ({arch}, {manifest['device'].get('name')}), "
@@ -250,6 +257,15 @@ def _check_device(root: Path, manifest: dict) -> None:
         wl = manifest["workload"]
         raise UserError(f"{root}: {problem} ({tvm.cuda(0).device_name}); rebuild it for this GPU: schedsearch build "
                         f"{root / wl['file']} --size {wl['size']} --schedules {root / DATABASE} --target cuda -o DIR")
+
+
+def _manifest_target(manifest: dict):
+    import tvm
+
+    try:
+        return tvm.target.Target(json.loads(manifest["target"]))
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise UserError(f"the manifest's target {manifest['target']!r} does not parse ({e})") from e
 
 
 class ExportedModule:
@@ -362,7 +378,7 @@ def add_commands(sub) -> dict:
     b.add_argument("--schedules", required=True, metavar="DIR", help="a run directory or a MetaSchedule database")
     b.add_argument("-o", "--output", help="dist directory (default dist/<workload>)")
     b.add_argument("--size", default="default", help="workload size from its SIZES dict, e.g. small")
-    b.add_argument("--target", default="auto", help="auto | llvm | cuda (auto: cuda if a GPU is visible)")
+    b.add_argument("--target", default="auto", help="auto | llvm | cuda | 'llvm -mcpu=CPU [-mattr=+F,-G] [-num-cores=N]' (auto: cuda if a GPU is visible, else llvm for this CPU)")
     b.add_argument("--input-shape", type=_shape_arg, action="append", default=[],
                    help="NAME=D0,D1,... for an ONNX input with dynamic dimensions (repeatable)")
 
