@@ -71,7 +71,7 @@ def build(workload_path: str | Path, schedules: str | Path | None, dist_dir: str
     A CUDA target builds without a GPU (cross-compilation). Returns the manifest."""
     from tvm.s_tir import meta_schedule as ms
 
-    from . import frontend, target as targets, workload as workloads
+    from . import frontend, records, target as targets, workload as workloads
     from .tune import versions
 
     wl = workloads.load(workload_path, size, input_shapes)
@@ -89,8 +89,12 @@ def build(workload_path: str | Path, schedules: str | Path | None, dist_dir: str
             shutil.copytree(database_src, dist / DATABASE)
         else:
             (dist / DATABASE).mkdir()
-        database = ms.database.JSONDatabase(work_dir=str(dist / DATABASE))
-        tasks = [_task_entry(database, t, target, fallback) for t in frontend.extract_tasks(mod, target)]
+        # Not TVM's JSONDatabase loader: it re-applies the traces in threads to one shared module, which
+        # some traces change in place (records.py): the H200 layernorm database corrupted the heap.
+        database = records.load(dist / DATABASE) if database_src is not None else ms.database.MemoryDatabase()
+        extracted = frontend.extract_tasks(mod, target)
+        _check_records_target(database, extracted, target, schedules)
+        tasks = [_task_entry(database, t, target, fallback) for t in extracted]
         frontend.compile_module(mod, target, database).export_library(str(dist / MODULE))
         manifest = {
             "schema": MANIFEST_SCHEMA, "made_by": "build",
@@ -159,6 +163,22 @@ def _database_dir(schedules: Path) -> Path:
             return d
     raise UserError(f"{schedules}: no MetaSchedule database (database_workload.json and "
                     "database_tuning_record.json, in it or in its database/ folder)")
+
+
+def _check_records_target(database, tasks, target, schedules) -> None:
+    """A CUDA schedule applied for a CPU (or the reverse) fails deep in TVM's lowering ("Unknown device
+    id in current IR" for thread bindings on llvm): refuse it here, in one line."""
+    from . import target as targets
+
+    for task in tasks:
+        record = database.query_tuning_record(task.mod, target, task.name)
+        if record is not None and record.target is not None and record.target.kind.name != target.kind.name:
+            tuned = record.target.kind.name + (f" {record.target.arch}" if record.target.kind.name == "cuda" else "")
+            hint = (" and no CUDA GPU is visible here: build on a machine with that GPU, or from Python with "
+                    "export.build(..., target=tvm.target.Target(...)) to cross-compile"
+                    if tuned.startswith("cuda") and not targets.cuda_visible() else "")
+            raise UserError(f"{schedules}: task {task.name} was tuned for {tuned}, this build is for "
+                            f"{target.kind.name}{hint}")
 
 
 def _task_entry(database, task, target, fallback: str) -> dict:
