@@ -121,7 +121,8 @@ def cmd_workloads(args) -> int:
 
     for path in builtin_workloads():
         doc = (ast.get_docstring(ast.parse(path.read_text())) or "").strip().splitlines()
-        print(f"{os.path.relpath(path):42} {doc[0] if doc else ''}")
+        shown = os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+        print(f"{shown:42} {doc[0] if doc else ''}")
     return 0
 
 
