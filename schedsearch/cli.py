@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", help="run directory (default runs/<workload>-<strategy>)")
     t.add_argument("--strategy", default="ansor", help="ansor | rules | llm | hybrid (default ansor)")
     t.add_argument("--trials", type=_positive, default=64, help="hardware measurements per task (default 64)")
-    t.add_argument("--target", default="auto", help="auto | llvm | cuda (auto: cuda if a GPU is visible)")
+    t.add_argument("--target", default="auto", help="auto | llvm | cuda | 'llvm -mcpu=CPU [-mattr=+F,-G] [-num-cores=N]' (auto: cuda if a GPU is visible, else llvm for this CPU)")
     t.add_argument("--size", default="default", help="workload size from its SIZES dict, e.g. small")
     t.add_argument("--input-shape", type=_shape_arg, action="append", default=[],
                    help="NAME=D0,D1,... for an ONNX input with dynamic dimensions (repeatable)")
@@ -130,7 +130,8 @@ def cmd_workloads(args) -> int:
 
     for path in builtin_workloads():
         doc = (ast.get_docstring(ast.parse(path.read_text())) or "").strip().splitlines()
-        print(f"{os.path.relpath(path):42} {doc[0] if doc else ''}")
+        shown = os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+        print(f"{shown:42} {doc[0] if doc else ''}")
     return 0
 
 

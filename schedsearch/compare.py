@@ -37,7 +37,7 @@ def add_commands(sub) -> dict:
     c.add_argument("--trials", type=_positive, default=64, help="hardware measurements per task and arm (default 64)")
     c.add_argument("--seeds", type=_positive, default=3, help="search seeds per strategy: 0..N-1 (default 3)")
     c.add_argument("--size", default="default", help="workload size from each file's SIZES dict, e.g. small")
-    c.add_argument("--target", default="auto", help="auto | llvm | cuda")
+    c.add_argument("--target", default="auto", help="auto | llvm | cuda | 'llvm -mcpu=CPU ...'")
     c.add_argument("--validation-seeds", type=_positive, default=3, help="seeds per input distribution (default 3)")
     c.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")
     c.add_argument("--arms-from", metavar="DIR", help="copy finished arms of an earlier comparison instead of tuning")

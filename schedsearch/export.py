@@ -71,7 +71,7 @@ def build(workload_path: str | Path, schedules: str | Path | None, dist_dir: str
     A CUDA target builds without a GPU (cross-compilation). Returns the manifest."""
     from tvm.s_tir import meta_schedule as ms
 
-    from . import frontend, target as targets, workload as workloads
+    from . import frontend, records, target as targets, workload as workloads
     from .tune import versions
 
     wl = workloads.load(workload_path, size, input_shapes)
@@ -89,8 +89,12 @@ def build(workload_path: str | Path, schedules: str | Path | None, dist_dir: str
             shutil.copytree(database_src, dist / DATABASE)
         else:
             (dist / DATABASE).mkdir()
-        database = ms.database.JSONDatabase(work_dir=str(dist / DATABASE))
-        tasks = [_task_entry(database, t, target, fallback) for t in frontend.extract_tasks(mod, target)]
+        # Not TVM's JSONDatabase loader: it re-applies the traces in threads to one shared module, which
+        # some traces change in place (records.py): the H200 layernorm database corrupted the heap.
+        database = records.load(dist / DATABASE) if database_src is not None else ms.database.MemoryDatabase()
+        extracted = frontend.extract_tasks(mod, target)
+        _check_records_target(database, extracted, target, schedules)
+        tasks = [_task_entry(database, t, target, fallback) for t in extracted]
         frontend.compile_module(mod, target, database).export_library(str(dist / MODULE))
         manifest = {
             "schema": MANIFEST_SCHEMA, "made_by": "build",
@@ -159,6 +163,22 @@ def _database_dir(schedules: Path) -> Path:
             return d
     raise UserError(f"{schedules}: no MetaSchedule database (database_workload.json and "
                     "database_tuning_record.json, in it or in its database/ folder)")
+
+
+def _check_records_target(database, tasks, target, schedules) -> None:
+    """A CUDA schedule applied for a CPU (or the reverse) fails deep in TVM's lowering ("Unknown device
+    id in current IR" for thread bindings on llvm): refuse it here, in one line."""
+    from . import target as targets
+
+    for task in tasks:
+        record = database.query_tuning_record(task.mod, target, task.name)
+        if record is not None and record.target is not None and record.target.kind.name != target.kind.name:
+            tuned = record.target.kind.name + (f" {record.target.arch}" if record.target.kind.name == "cuda" else "")
+            hint = (" and no CUDA GPU is visible here: build on a machine with that GPU, or from Python with "
+                    "export.build(..., target=tvm.target.Target(...)) to cross-compile"
+                    if tuned.startswith("cuda") and not targets.cuda_visible() else "")
+            raise UserError(f"{schedules}: task {task.name} was tuned for {tuned}, this build is for "
+                            f"{target.kind.name}{hint}")
 
 
 def _task_entry(database, task, target, fallback: str) -> dict:
@@ -234,11 +254,18 @@ def arch_problem(arch: str, compute_version: str) -> str | None:
 
 def _check_device(root: Path, manifest: dict) -> None:
     arch = manifest["arch"]
+    from . import target as targets
+
     if manifest["target_kind"] != "cuda":
         if arch != platform.machine():
             raise UserError(f"{root} was compiled for {arch} CPUs, this machine is {platform.machine()}")
+        missing = targets.missing_cpu_features(_manifest_target(manifest))
+        if missing:  # it would die of SIGILL at its first call
+            wl = manifest["workload"]
+            raise UserError(f"{root} was compiled for {manifest['device'].get('mcpu') or 'another CPU'}, which has "
+                            f"{', '.join(missing)}; this CPU does not: rebuild it here: schedsearch build "
+                            f"{root / wl['file']} --size {wl['size']} --schedules {root / DATABASE} -o DIR")
         return
-    from . import target as targets
 
     if not targets.cuda_visible():
         raise UserError(f"{root} was compiled for CUDA ({arch}, {manifest['device'].get('name')}), "
@@ -250,6 +277,15 @@ def _check_device(root: Path, manifest: dict) -> None:
         wl = manifest["workload"]
         raise UserError(f"{root}: {problem} ({tvm.cuda(0).device_name}); rebuild it for this GPU: schedsearch build "
                         f"{root / wl['file']} --size {wl['size']} --schedules {root / DATABASE} --target cuda -o DIR")
+
+
+def _manifest_target(manifest: dict):
+    import tvm
+
+    try:
+        return tvm.target.Target(json.loads(manifest["target"]))
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise UserError(f"the manifest's target {manifest['target']!r} does not parse ({e})") from e
 
 
 class ExportedModule:
@@ -362,7 +398,7 @@ def add_commands(sub) -> dict:
     b.add_argument("--schedules", required=True, metavar="DIR", help="a run directory or a MetaSchedule database")
     b.add_argument("-o", "--output", help="dist directory (default dist/<workload>)")
     b.add_argument("--size", default="default", help="workload size from its SIZES dict, e.g. small")
-    b.add_argument("--target", default="auto", help="auto | llvm | cuda (auto: cuda if a GPU is visible)")
+    b.add_argument("--target", default="auto", help="auto | llvm | cuda | 'llvm -mcpu=CPU [-mattr=+F,-G] [-num-cores=N]' (auto: cuda if a GPU is visible, else llvm for this CPU)")
     b.add_argument("--input-shape", type=_shape_arg, action="append", default=[],
                    help="NAME=D0,D1,... for an ONNX input with dynamic dimensions (repeatable)")
 

@@ -71,6 +71,8 @@ class Workload:
 def load(path: str | Path, size: str = "default", input_shapes: dict[str, tuple[int, ...]] | None = None) -> Workload:
     path = Path(path)
     if not path.is_file():
+        path = _builtin_fallback(path)
+    if not path.is_file():
         raise UserError(f"workload file not found: {path}")
     if path.suffix == ".onnx":
         return _load_onnx(path, input_shapes or {})
@@ -164,6 +166,24 @@ def _load_onnx(path: Path, input_shapes: dict[str, tuple[int, ...]]) -> Workload
                     input_names=[n for n, _, _ in specs], input_specs=[(s, d) for _, s, d in specs])
 
 
+def builtin_root() -> Path:
+    """The built-in workloads: in an installed wheel the package data schedsearch/workloads/, in a
+    source checkout (pip install -e) the repository's workloads/ beside the package."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "workloads"
+    return packaged if packaged.is_dir() else here.parent / "workloads"
+
+
 def builtin_workloads(root: Path | None = None) -> list[Path]:
-    root = root or Path(__file__).resolve().parent.parent / "workloads"
-    return sorted(root.glob("level*/*.py"))
+    return sorted((root or builtin_root()).glob("level*/*.py"))
+
+
+def _builtin_fallback(path: Path) -> Path:
+    """`workloads/level1/softmax.py` (the README's spelling) names the built-in file where no such
+    file is here, e.g. outside a source checkout with schedsearch installed from a wheel."""
+    parts = path.parts
+    if not path.is_absolute() and len(parts) == 3 and parts[0] == "workloads":
+        builtin = builtin_root().joinpath(*parts[1:])
+        if builtin.is_file():
+            return builtin
+    return path
