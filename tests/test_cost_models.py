@@ -172,3 +172,18 @@ def test_device_slug():
     assert targets.device_slug("NVIDIA H200") == "nvidia-h200"
     assert targets.device_slug("NVIDIA H100 PCIe") == "nvidia-h100-pcie"
     assert targets.device_slug("NVIDIA A100-SXM4-80GB") == "nvidia-a100-sxm4"
+
+
+def test_compare_starts_every_arm_from_the_cost_model_asked_for(tmp_path, monkeypatch):
+    import schedsearch.tune
+    from schedsearch.compare import compare
+
+    asked = []
+    monkeypatch.setattr(schedsearch.tune, "tune_workload", lambda wl, target, run, **kw: asked.append(kw["cost_model"]))
+    with pytest.raises(UserError, match="cost model file not found"):
+        compare([SOFTMAX], tmp_path / "bad", ["ansor"], 1, 1, size="small", target_name="llvm", cost_model="/nope")
+    assert not (tmp_path / "bad").exists()  # refused before writing anything
+    compare([SOFTMAX], tmp_path / "cmp", ["ansor", "rules"], 1, 1, size="small", target_name="llvm", repeats=2,
+            compile_baselines=False, cost_model="auto")
+    assert asked == ["auto", "auto"]
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["cost_model"] == "auto"
