@@ -331,7 +331,7 @@ def train(paths: list[Path], out: Path, device: str | None = None, holdout: floa
             "how": f"Kendall tau-b between predicted score and measured throughput, top-{TOP_K} recall (of the "
                    f"{TOP_K} fastest records, how many the model ranks top {TOP_K}; chance: {TOP_K}/records), "
                    "throughput of the model's first choice over the best; held_out: the records kept out; "
-                   "unseen: all of a workload's records, by a model trained on the other workloads only",
+                   "unseen: all of a workload's records, by a model trained on the other workloads' training records only",
             "held_out": summary([e.get("held_out_scores") for e in entries]),
             "unseen": summary([e.get("unseen_scores") for e in entries])},
         "workloads": entries,
