@@ -48,18 +48,34 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--validation-seeds", type=_positive, default=3, help="seeds per input distribution (default 3)")
     t.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")
     add_runner_option(t)
-    t.add_argument("--cost-model", type=Path, help="start from this XGBoost cost model (a run's cost_model.tar, "
-                                                   "trained on the same device); trusted files only (pickle)")
+    add_cost_model_option(t)
     add_llm_options(t)
     COMMANDS.update(export.add_commands(sub))
     COMMANDS.update(compare.add_commands(sub))
     COMMANDS.update(rpc.add_commands(sub))
+
+    m = sub.add_parser("train-cost-model", help="train the search's XGBoost cost model on measured databases")
+    m.add_argument("databases", nargs="+", type=Path,
+                   help="run dirs, databases, or directories holding them (e.g. schedules/nvidia-h100)")
+    m.add_argument("-o", "--output", required=True, type=Path, help="model directory, e.g. cost_models/nvidia-h100")
+    m.add_argument("--device", help="the device that measured databases without a results.json beside them, "
+                                    "e.g. 'NVIDIA H100 80GB HBM3'")
+    m.add_argument("--holdout", type=float, default=0.2,
+                   help="fraction of each workload's records kept out for the ranking score (default 0.2)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
     return p
 
 
 def add_runner_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runner", default="local", metavar="SPEC",
                    help="where candidates are measured: local | rpc://HOST:PORT/KEY (see `schedsearch tracker`)")
+
+
+def add_cost_model_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cost-model", default="none", metavar="SPEC",
+                   help="where every strategy's XGBoost cost model starts: none (default: from nothing) | auto "
+                        "(cost_models/<this device>/ if there, else none) | DIR (from train-cost-model) | FILE "
+                        "(a run's cost_model.tar, same device; unpickled, so trusted run dirs only)")
 
 
 def add_llm_options(p: argparse.ArgumentParser) -> None:
@@ -149,7 +165,7 @@ def cmd_tune(args) -> int:
     results = tune_workload(wl, target, run, strategy=args.strategy, trials=args.trials, seed=args.seed,
                             validation_seeds=args.validation_seeds, repeats=args.repeats,
                             command=args.command_line, strategy_options=llm_options(args),
-                            cost_model_file=args.cost_model, runner_spec=args.runner)
+                            cost_model=args.cost_model, runner_spec=args.runner)
     print(summary_table(results))
     if not results["validation"]["passed"]:
         print(f"schedsearch: error: VALIDATION FAILED for {wl.name}: see {run.results}", file=sys.stderr)
@@ -157,4 +173,18 @@ def cmd_tune(args) -> int:
     return 0
 
 
-COMMANDS = {"workloads": cmd_workloads, "tune": cmd_tune}
+def cmd_train_cost_model(args) -> int:
+    from . import cost_models
+
+    m = cost_models.train(args.databases, args.output, args.device, args.holdout, args.seed, args.command_line)
+    held, unseen = m["scores"]["held_out"] or {}, m["scores"]["unseen"] or {}
+    print(f"{args.output}: {m['records']['train']} records of {len(m['workloads'])} workloads measured on "
+          f"{m['device']['name']}, {m['model']['trees']} trees, {m['model']['bytes'] / 1024:.0f} KiB; "
+          f"{m['records']['held_out']} held out: Kendall tau {held.get('mean_kendall_tau')}, top-"
+          f"{cost_models.TOP_K} recall {held.get('mean_top_k_recall')} (chance {held.get('mean_chance_recall')}); "
+          f"unseen workloads: Kendall tau {unseen.get('mean_kendall_tau')}, top-{cost_models.TOP_K} recall "
+          f"{unseen.get('mean_top_k_recall')} (chance {unseen.get('mean_chance_recall')}) (means over workloads)")
+    return 0
+
+
+COMMANDS = {"workloads": cmd_workloads, "tune": cmd_tune, "train-cost-model": cmd_train_cost_model}

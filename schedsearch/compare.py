@@ -27,7 +27,7 @@ COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune"}
 
 def add_commands(sub) -> dict:
     """Adds `compare` and `report` to the CLI's subparsers; returns {command: handler(args) -> exit code}."""
-    from .cli import _positive, add_llm_options, add_runner_option
+    from .cli import _positive, add_cost_model_option, add_llm_options, add_runner_option
 
     c = sub.add_parser("compare", help="tune workloads with several strategies and seeds at equal budgets, "
                                        "time PyTorch baselines, write a report")
@@ -48,6 +48,7 @@ def add_commands(sub) -> dict:
     c.add_argument("--no-compile-baselines", action="store_true", help="time PyTorch eager only, not torch.compile")
     _add_peak_options(c)
     add_runner_option(c)
+    add_cost_model_option(c)
     add_llm_options(c)
 
     r = sub.add_parser("report", help="rebuild report.md and report.html of a comparison from its stored results")
@@ -74,7 +75,8 @@ def cmd_compare(args) -> int:
                       arms_from=Path(args.arms_from) if args.arms_from else None,
                       compile_baselines=not args.no_compile_baselines,
                       peaks={"tflops": args.peak_tflops, "gbs": args.peak_gbs},
-                      command=args.command_line, runner_spec=args.runner, parallel=args.parallel)
+                      command=args.command_line, runner_spec=args.runner, parallel=args.parallel,
+                      cost_model=args.cost_model)
     paths = write_report(out)
     print(f"report: {', '.join(map(str, paths))}", file=sys.stderr)
     for arm, error in summary["errors"].items():
@@ -101,10 +103,11 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
             size: str = "default", target_name: str = "auto", validation_seeds: int = 3, repeats: int = 20,
             llm: dict | None = None, hybrid: dict | None = None, arms_from: Path | None = None, compile_baselines: bool = True,
             peaks: dict | None = None, command: list[str] | None = None, runner_spec: str = "local",
-            parallel: int = 1) -> dict:
+            parallel: int = 1, cost_model: str = "none") -> dict:
     """Runs (or resumes) every arm and the baselines. Returns {"errors": {arm: traceback}, "invalid": [arm],
-    "pending": [PendingResponses]}: one arm failing does not stop the others."""
-    from . import strategies as known, target as targets, workload as workloads
+    "pending": [PendingResponses]}: one arm failing does not stop the others. `cost_model`: where every arm's
+    XGBoost model starts (cost_models.start)."""
+    from . import cost_models, strategies as known, target as targets, workload as workloads
     from .llm_client import PendingResponses
 
     unknown = [s for s in strategies if s not in known.NAMES]
@@ -121,6 +124,7 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
         raise UserError(f"two workloads share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): "
                         "their run dirs would collide")
     target = targets.resolve(target_name)
+    cost_models.start(cost_model, target)  # a bad --cost-model fails before any work (each arm starts its own)
     for wl in loaded:  # refuse a mismatched directory before writing anything into it
         for strategy in strategies:
             for seed in range(seeds):
@@ -136,7 +140,7 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
         "validation_seeds": validation_seeds, "repeats": repeats, "compile_baselines": compile_baselines,
         "peaks": peaks or {}, "llm": {k: v for k, v in (llm or {}).items() if k != "client"},
         **({"hybrid": hybrid} if hybrid else {}),
-        "arms_from": str(arms_from) if arms_from else None, "parallel": parallel})
+        "arms_from": str(arms_from) if arms_from else None, "parallel": parallel, "cost_model": cost_model})
 
     jobs = []  # baselines first: on several GPUs they then run while the first arms tune
     for wl in loaded:
@@ -156,7 +160,8 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
     settings = {"out": str(out), "workloads": {w.name: str(w.path) for w in loaded}, "size": size,
                 "target": target.kind.name, "target_str": str(target), "trials": trials,
                 "validation_seeds": validation_seeds, "repeats": repeats, "llm": llm or {}, "hybrid": hybrid or {},
-                "compile_baselines": compile_baselines, "command": command, "runner_spec": runner_spec}
+                "compile_baselines": compile_baselines, "command": command, "runner_spec": runner_spec,
+                "cost_model": cost_model}
     if parallel > 1:
         outcomes = _run_parallel(jobs, settings, parallel, gpu=targets.is_gpu(target))
     else:
@@ -207,8 +212,9 @@ def _run_job(job: dict, settings: dict, context: dict) -> dict:
     try:
         tune_workload(wl, target, run, strategy=strategy, trials=trials, seed=seed,
                       validation_seeds=settings["validation_seeds"], repeats=settings["repeats"],
-                      command=settings["command"], strategy_options=settings.get(strategy) if strategy in ("llm", "hybrid") else None,
-                      runner_spec=settings["runner_spec"])
+                      command=settings["command"],
+                      strategy_options=settings.get(strategy) if strategy in ("llm", "hybrid") else None,
+                      runner_spec=settings["runner_spec"], cost_model=settings.get("cost_model"))
     except PendingResponses as e:
         return {"label": label, "pending": (e.directory, e.paths)}
     except UserError as e:

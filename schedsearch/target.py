@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 
 import tvm
 from tvm.target import Target
@@ -132,6 +133,20 @@ def device(target: Target) -> tvm.runtime.Device:
 
 def torch_device(target: Target) -> str:
     return "cuda" if is_gpu(target) else "cpu"
+
+
+def device_slug(name: str) -> str:
+    """A device's directory name (schedules/, cost_models/, docs/reports/): "NVIDIA H100 80GB HBM3" ->
+    "nvidia-h100", "NVIDIA H200" -> "nvidia-h200". Only the memory's size and kind are dropped; the rest
+    names another product ("NVIDIA H100 PCIe" -> "nvidia-h100-pcie": other clocks, other SM count)."""
+    words = re.findall(r"[a-z0-9]+", name.lower().replace("(r)", "").replace("(tm)", ""))
+    kept = [w for w in words if not re.fullmatch(r"\d+gb|hbm\d*e?|gddr\d*x?", w)]
+    return "-".join(kept) or "unknown"
+
+
+def device_name(target: Target) -> str:
+    """The device `target` runs on here, by name: the GPU's, or this CPU's model."""
+    return facts(target)["name"]
 
 
 def facts(target: Target) -> dict:

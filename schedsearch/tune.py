@@ -1,7 +1,6 @@
 """Run one search strategy over a workload's tasks with MetaSchedule's machinery; resume from the run dir."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -9,7 +8,6 @@ import os
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +16,7 @@ import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
 
-from . import measure
+from . import cost_models, measure
 from .errors import INTERRUPTED, UserError, searching
 from .frontend import Task
 from .rundir import RunDir
@@ -151,10 +149,11 @@ StrategyFactory = Callable[[Task], "ms.search_strategy.SearchStrategy | str"]
 def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_name: str,
            make_strategy: StrategyFactory, trials: int, seed: int = 0,
            runner: ms.runner.Runner | None = None, builder: ms.builder.Builder | None = None,
-           cost_model_file: Path | None = None, capping_runner: bool | None = None,
+           cost_model: cost_models.Start | None = None, capping_runner: bool | None = None,
            stop: Callable[[], bool] | None = None, cost_model_warmup: int = 100) -> dict[str, dict]:
     """Give each task `trials` hardware measurements in total (earlier runs in `run` count).
     `runner`/`builder`: where candidates are measured/built (default: measure.py's, on this machine);
+    `cost_model`: where the XGBoost model starts (cost_models.start(); default from nothing);
     `capping_runner`: whether `runner` measures with measure.run_evaluator_capped (ours do);
     `stop`: asked before each round; True ends the search there (Ctrl-C does too, then raises);
     `cost_model_warmup`: measurements before XGBoost's predictions replace random ones (stock: 100)."""
@@ -176,13 +175,8 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
         # XGBoost on one thread: with many, an update stalls whenever some cores are busy (deferred builds, the
         # runner). H100 host, 16 cores, 2 kept busy, 64 matmul records an update: 8.9-11.5 s with 16 threads,
         # 0.21-0.28 s with 1, the same predictions to the bit; idle, 0.2 s either way (docs/results.md).
-        cost_model = ms.cost_model.XGBModel(adaptive_training=True, num_tuning_cores=1,
-                                            num_warmup_samples=cost_model_warmup)
-        if cost_model_file is not None:  # a model trained elsewhere (same device): a warm start for every task
-            if not Path(cost_model_file).is_file():
-                raise UserError(f"cost model file not found: {cost_model_file}")
-            with quiet_xgboost_file_format():
-                cost_model.load(str(cost_model_file))
+        # One model for every task; a pretrained one ranks from the first round (cost_models.PretrainedXGBModel).
+        cost_model = (cost_model or cost_models.Start("none", "none")).model(1, warmup=cost_model_warmup)
         previous = trials_done(run)
         for i, task in enumerate(tasks):
             done = len(previous.get(task.name, []))
@@ -219,21 +213,12 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
                 break
             if log.done < trials:  # the space ran dry before the budget: say so instead of looping
                 print(f"{log.label} search stopped after {log.done} trials: no new candidates", file=sys.stderr)
-        with quiet_xgboost_file_format():
+        with cost_models.quiet_xgboost_file_format():
             cost_model.save(str(run.root / "cost_model.tar"))  # reusable with --cost-model on the same device
         return trials_done(run)
     finally:  # pools left to the GC can deadlock (TVM's PopenPoolExecutor says so)
         for x in owned:
             x.close()
-
-
-@contextlib.contextmanager
-def quiet_xgboost_file_format():
-    """XGBModel keeps its booster in a file without extension: XGBoost warns on each save and load that
-    it chose UBJSON, which is right, and the user can do nothing about it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r".*(Saving model in the UBJSON format|Unknown file format)")
-        yield
 
 
 @derived_object
@@ -281,15 +266,17 @@ def _log_to_file(path: Path) -> None:
 
 def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: str = "ansor", trials: int = 64,
                   seed: int = 0, validation_seeds: int = 3, repeats: int = 20, command: list[str] | None = None,
-                  strategy_options: dict | None = None, cost_model_file: Path | None = None,
+                  strategy_options: dict | None = None, cost_model: str | Path | None = None,
                   runner_spec: str = "local") -> dict:
-    """The whole job: tasks -> search -> compile -> validate -> time -> run dir. Returns results.json's data."""
+    """The whole job: tasks -> search -> compile -> validate -> time -> run dir. Returns results.json's data.
+    `cost_model`: --cost-model's none | auto | DIR | FILE (cost_models.start)."""
     from . import frontend, rpc, strategies, target as targets
     from .evaluate import evaluate
     from .rundir import SCHEMA, write_json
     from .runtime import CompiledModule
 
     rpc_at = rpc.parse_runner_spec(runner_spec)  # a bad spec fails before any work
+    model_start = cost_models.start(cost_model, target)
     t0 = time.time()
     run.create()
     _check_same_run(run, workload_sha256=workload.sha256, size=workload.size, target=str(target), strategy=strategy)
@@ -301,7 +288,7 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
     measure.share_best_file(run.root / "best_s.txt")  # before the RPC runner starts its processes
     runner = None if rpc_at is None else rpc.make_rpc_runner(*rpc_at, target, measure.evaluator_config(target))
     by_task = search(tasks, target, run, strategy, factory, trials, seed, runner=runner,
-                     cost_model_file=cost_model_file, capping_runner=True,
+                     cost_model=model_start, capping_runner=True,
                      cost_model_warmup=getattr(factory, "cost_model_warmup", 100))
     tuning_s = time.time() - t0 + earlier_s
 
@@ -321,6 +308,7 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
         "strategy": strategy, "seed": seed, "trials_per_task": trials, "runner": runner_spec,
         "target": str(target), "device": targets.facts(target), "versions": versions(),
         "command": command or sys.argv,
+        "cost_model": model_start.record(),
         "tasks": [task_summary(t, by_task.get(t.name, [])) for t in tasks],
         **measured,
         "tuning_wall_s": round(tuning_s, 1),  # over every invocation, when resumed

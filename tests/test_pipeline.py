@@ -31,6 +31,7 @@ def test_tune_writes_a_complete_run_dir(softmax_run, capsys):
     assert res["workload"]["name"] == "softmax" and res["workload"]["size"] == "small"
     assert res["strategy"] == "ansor" and res["trials_per_task"] == 4
     assert res["target"].startswith('{"kind":"llvm"')
+    assert res["cost_model"] == {"requested": "none", "start": "none", "path": None}
     [task] = res["tasks"]
     assert task["name"] == "softmax" and task["trials"] == 4 and task["best_us"] > 0
     assert task["curve"][-1][1] == task["best_us"]
