@@ -85,6 +85,51 @@ def test_lifting_keeps_the_kernel_and_makes_tiles_sampled(tmp_path):
     assert moved and all(len(d) == 3 for d in moved) and ((8, 16), (16, 8), (32, 4)) not in moved
 
 
+def test_lifting_moves_root_annotations_last_so_a_replay_leaves_the_module_alone(tmp_path):
+    """TVM 0.27 re-applies a trace that annotates the root and then splits a loop below a statement sequence
+    in place, on the module it is applied to (evolution and the database loader share modules)."""
+    import tvm
+    import tvm_ffi
+
+    task = task_of(LAYERNORM, tmp_path)
+    program = schedule_lang.parse("""b0 = sch.get_sblock(name="root", func_name="main")
+b1 = sch.get_sblock(name="ln_stats", func_name="main")
+sch.annotate(block_or_loop=b0, ann_key="meta_schedule.unroll_explicit", ann_val=16)
+l2, l3, l4, l5 = sch.get_loops(block=b1)
+l6 = sch.fuse(l3, l4, l5, preserve_unit_iters=True)
+l7, l8 = sch.split(loop=l6, factors=[256, 4], preserve_unit_iters=True, disable_predication=False)""")
+    unchanged, kernels = [], []
+    for lift in (False, True):
+        sch = schedule_lang.fresh_schedule(task.mod)
+        schedule_lang.apply(program, sch, lift=lift)
+        kernels.append(tvm_ffi.structural_hash(sch.mod))
+        mod = schedule_lang.fresh_schedule(task.mod).mod
+        before = tvm_ffi.structural_hash(mod)
+        sch.trace.apply_to_schedule(tvm.s_tir.Schedule(mod), remove_postproc=True)
+        unchanged.append(tvm_ffi.structural_hash(mod) == before)
+    assert kernels[0] == kernels[1]
+    assert unchanged == [False, True]  # as written TVM rewrites the module (a canary for a fix upstream)
+
+
+def test_lifting_keeps_thread_extents_literal(tmp_path):
+    """A tile that makes a threadIdx loop is not handed to the mutators, even when the program samples it."""
+    task = task_of(MATMUL, tmp_path)
+    program = schedule_lang.parse("""b0 = sch.get_sblock(name="matmul", func_name="main")
+l1, l2, l3 = sch.get_loops(block=b0)
+v4, v5 = sch.sample_perfect_tile(loop=l1, n=2, max_innermost_factor=64, decision=[4, 32])
+l6, l7 = sch.split(loop=l1, factors=[v4, v5], preserve_unit_iters=True, disable_predication=False)
+l8, l9 = sch.split(loop=l2, factors=[16, 8], preserve_unit_iters=True, disable_predication=False)
+l10, l11 = sch.split(loop=l3, factors=[32, 4], preserve_unit_iters=True, disable_predication=False)
+sch.reorder(l6, l8, l7, l10, l11, l9)
+l12 = sch.fuse(l6, l8, preserve_unit_iters=True)
+sch.bind(loop=l12, thread_axis="blockIdx.x")
+sch.bind(loop=l7, thread_axis="threadIdx.x")""")
+    sch = schedule_lang.fresh_schedule(task.mod)
+    schedule_lang.apply(program, sch, lift=True)
+    assert structure(sch.trace)[1] == [[16, 8], [32, 4]]  # the thread tile [4, 32] is a literal split now
+    assert "factors=[4, 32]" in "\n".join(sch.trace.as_python())
+
+
 def record_transcript(tmp_path, workload_path: str, program: str, monkeypatch) -> str:
     """`--strategy llm` against the scripted server for one round: the run's transcript.jsonl."""
     def script(request):
