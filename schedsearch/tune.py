@@ -158,6 +158,7 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
     _log_to_file(run.log)
+    import_tensor_intrinsics()
     database = ms.database.JSONDatabase(work_dir=str(run.database))
     best_file = run.root / "best_s.txt"  # the running task's best, for the runner's cap
     capping_runner = runner is None if capping_runner is None else capping_runner
@@ -220,6 +221,37 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     finally:  # pools left to the GC can deadlock (TVM's PopenPoolExecutor says so)
         for x in owned:
             x.close()
+
+
+def import_tensor_intrinsics() -> None:
+    """`tvm.s_tir.tensor_intrin`, which TuneContext imports, parses ~250 TVMScript kernels, and each
+    `@T.prim_func` calls inspect.stack(), which reads the source of every frame on the stack and, for
+    the import machinery's frames (no file), scans all of sys.modules. TVMScript reads the source line of
+    frame 2 only (is_defined_in_class) and the locals of the others (closure variables): with a stack
+    that reads only the first 3 frames' source, the import took 11 s instead of 31-62 s (CPU box, 2 busy
+    cores, after torch's import)."""
+    import inspect
+
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+
+    def stack(context=1):
+        frames, frame = [], sys._getframe(1)
+        while frame is not None:
+            if len(frames) < 3:
+                info = inspect.getframeinfo(frame, context)
+                frames.append(inspect.FrameInfo(frame, *info, positions=info.positions))
+            else:
+                frames.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno,
+                                                frame.f_code.co_name, None, None, positions=None))
+            frame = frame.f_back
+        return frames
+
+    real, inspect.stack = inspect.stack, stack
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = real
 
 
 @contextlib.contextmanager
