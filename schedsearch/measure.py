@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import re
+import signal
 import subprocess
 import time
 
@@ -31,6 +32,30 @@ def build_kernel(mod, target, _params):
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def worker_setup(parent_pid: int, cores: list[int] | None = None) -> None:
+    """The first call in every worker process of our pools: it dies with its parent (a `kill -9` of tune left
+    TVM's popen_worker processes alive, 2-3 each time: issue 21), ignores the terminal's Ctrl-C (which
+    reaches the whole process group and turned the candidates in flight into errors: the parent decides when
+    to stop, issue 23), and runs on `cores`."""
+    import ctypes
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(1)
+    if cores is not None:
+        os.sched_setaffinity(0, cores)
+
+
+def worker_pool(max_workers: int, timeout: float | None, cores: list[int] | None = None, **kwargs) -> PopenPoolExecutor:
+    """TVM's PopenPoolExecutor whose workers run worker_setup first."""
+    return PopenPoolExecutor(max_workers=max_workers, timeout=timeout,
+                             initializer=functools.partial(worker_setup, os.getpid(), cores), **kwargs)
 
 
 def _import_build_modules() -> None:
@@ -81,8 +106,7 @@ class WarmBuilder(ms.builder.PyBuilder):
         before the search proposes its first round, so they get ready meanwhile (H100 machine, matmul
         2048³: the first round's builds took 31-47 s when the workers started with them, 15-31 s so)."""
         if self._pool is None:
-            self._pool = PopenPoolExecutor(max_workers=len(self.cores), timeout=self.timeout_sec,
-                                           initializer=functools.partial(os.sched_setaffinity, 0, self.cores))
+            self._pool = worker_pool(len(self.cores), self.timeout_sec, self.cores)
             self._built = 0
             for _ in self.cores:  # a task per worker thread: each starts its own process
                 self._pool.submit(_import_build_modules)
@@ -279,8 +303,7 @@ class WarmRunner(ms.runner.PyRunner):
         cores = sorted(os.sched_getaffinity(0))
         self.overlap = (target.kind.name == "cuda" if overlap is None else overlap) and len(cores) > 1
         run_cores, self.build_cores = (cores[:1], cores[1:]) if self.overlap else (cores, cores)
-        self.pool = PopenPoolExecutor(max_workers=1, timeout=self.timeout_sec, stderr=subprocess.DEVNULL,
-                                      initializer=functools.partial(os.sched_setaffinity, 0, run_cores))
+        self.pool = worker_pool(1, self.timeout_sec, run_cores, stderr=subprocess.DEVNULL)
         self.defer_runs = defer and self.overlap
         self._started: dict = {}  # artifact path -> future
         self._late: dict = {}  # token -> None while building, then (artifact path, build error, run future)

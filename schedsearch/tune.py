@@ -21,7 +21,7 @@ from tvm.ir.utils import derived_object
 from . import measure
 from .errors import INTERRUPTED, UserError, searching
 from .frontend import Task
-from .rundir import RunDir
+from .rundir import RunDir, append_line, file_identity, open_database, repair_database, write_bytes
 
 
 @derived_object
@@ -38,23 +38,22 @@ class TrialLog(ms.measure_callback.PyMeasureCallback):
         self.t0 = time.time()
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-        with self.run.trials.open("a") as f:
-            for cand, b, r in zip(measure_candidates, builder_results, runner_results):
-                self.done += 1
-                error = b.error_msg or r.error_msg
-                us, capped = None, False
-                if not error and r.run_secs:
-                    us = 1e6 * sum(float(s) for s in r.run_secs) / len(r.run_secs)
-                    capped = self.capping_runner and measure.is_capped(r.run_secs)
-                    self.best_us = us if self.best_us is None else min(self.best_us, us)
-                else:
-                    self.errors += 1
-                f.write(json.dumps({
-                    "task": self.task.name, "trial": self.done, "strategy": self.strategy,
-                    "latency_us": us, "best_us": self.best_us, "capped": capped,
-                    "error": _short_error(error) if error else None,
-                    "elapsed_s": round(time.time() - self.t0, 3), "started": round(self.t0, 3),
-                }) + "\n")
+        for cand, b, r in zip(measure_candidates, builder_results, runner_results):
+            self.done += 1
+            error = b.error_msg or r.error_msg
+            us, capped = None, False
+            if not error and r.run_secs:
+                us = 1e6 * sum(float(s) for s in r.run_secs) / len(r.run_secs)
+                capped = self.capping_runner and measure.is_capped(r.run_secs)
+                self.best_us = us if self.best_us is None else min(self.best_us, us)
+            else:
+                self.errors += 1
+            append_line(self.run.trials, json.dumps({
+                "task": self.task.name, "trial": self.done, "strategy": self.strategy,
+                "latency_us": us, "best_us": self.best_us, "capped": capped,
+                "error": _short_error(error) if error else None,
+                "elapsed_s": round(time.time() - self.t0, 3), "started": round(self.t0, 3),
+            }))
         self.write_best()
         progress(self.label, self.done, self.budget, self.best_us, self.errors)
 
@@ -62,7 +61,7 @@ class TrialLog(ms.measure_callback.PyMeasureCallback):
         if self.best_us is None:
             self.best_file.unlink(missing_ok=True)
         else:
-            self.best_file.write_text(repr(self.best_us * 1e-6))
+            write_bytes(self.best_file, repr(self.best_us * 1e-6).encode())
 
 
 @derived_object
@@ -84,6 +83,8 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
         now = []
         for row in zip(measure_candidates, builder_results, runner_results):
             token = measure.deferred_token(row[1].error_msg or row[2].error_msg)
+            if interrupted_candidate(row[1].error_msg or row[2].error_msg):
+                continue  # not a measurement: not recorded, so a resumed search may measure it again
             if token is None:
                 now.append(row)
             else:
@@ -96,6 +97,10 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
 
     def _late(self, wait: bool) -> list:
         late = [(t, b, r) for t, b, r in (self.take_late(wait) if self.take_late else []) if t in self.waiting]
+        for t, b, r in late:
+            if interrupted_candidate(b.error_msg or r.error_msg):
+                self.waiting.pop(t)
+        late = [(t, b, r) for t, b, r in late if t in self.waiting]
         if late and hasattr(self.strategy, "notify_late_results"):
             self.strategy.notify_late_results([t for t, _, _ in late], [r for _, _, r in late])
         return [(self.waiting.pop(t), b, r) for t, b, r in late]
@@ -116,6 +121,17 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
         # Part of the time between a round's build and the next round's candidates, for tune.log.
         logging.getLogger("schedsearch.ms").info("recorded %d results in %.1f s, cost model updated in %.1f s",
                                                  len(rows), t1 - t0, time.time() - t1)
+
+
+# What a candidate's worker process reports when it was killed rather than when the kernel failed: popen_pool's
+# ChildProcessError, as the builder (measure.WarmBuilder._outcome) and runner (WarmRunner.result) word it.
+WORKER_KILLED = "Subprocess terminated"
+
+
+def interrupted_candidate(error_msg) -> bool:
+    """A candidate whose worker died while the user was stopping the search (Ctrl-C reaches the whole
+    process group): an interruption, not a measured failure."""
+    return INTERRUPTED.is_set() and error_msg is not None and WORKER_KILLED in str(error_msg)
 
 
 def _short_error(msg: str) -> str:
@@ -158,8 +174,8 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
     _log_to_file(run.log)
+    database = open_database(run.database)
     import_tensor_intrinsics()
-    database = ms.database.JSONDatabase(work_dir=str(run.database))
     best_file = run.root / "best_s.txt"  # the running task's best, for the runner's cap
     capping_runner = runner is None if capping_runner is None else capping_runner
     measure.share_best_file(best_file)
@@ -310,16 +326,27 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
                   seed: int = 0, validation_seeds: int = 3, repeats: int = 20, command: list[str] | None = None,
                   strategy_options: dict | None = None, cost_model_file: Path | None = None,
                   runner_spec: str = "local") -> dict:
-    """The whole job: tasks -> search -> compile -> validate -> time -> run dir. Returns results.json's data."""
+    """The whole job: tasks -> search -> compile -> validate -> time -> run dir. Returns results.json's data.
+    One process at a time per run dir (RunDir.locked)."""
+    from . import rpc
+
+    rpc_at = rpc.parse_runner_spec(runner_spec)  # a bad spec fails before any work
+    t0 = time.time()
+    run.create()
+    with run.locked():
+        return _tune_locked(workload, target, run, strategy, trials, seed, validation_seeds, repeats, command,
+                            strategy_options, cost_model_file, runner_spec, rpc_at, t0)
+
+
+def _tune_locked(workload, target, run: RunDir, strategy, trials, seed, validation_seeds, repeats, command,
+                 strategy_options, cost_model_file, runner_spec, rpc_at, t0) -> dict:
     from . import frontend, rpc, strategies, target as targets
     from .evaluate import evaluate
     from .rundir import SCHEMA, write_json
     from .runtime import CompiledModule
 
-    rpc_at = rpc.parse_runner_spec(runner_spec)  # a bad spec fails before any work
-    t0 = time.time()
-    run.create()
     _check_same_run(run, workload_sha256=workload.sha256, size=workload.size, target=str(target), strategy=strategy)
+    repair_database(run.database)  # a damaged database is refused before any work
     mod = frontend.import_onnx(frontend.export_onnx(workload, run.onnx), workload.shapes())
     tasks = frontend.extract_tasks(mod, target)
     _check_same_run(run, tasks={t.name: str(tvm_ffi.structural_hash(t.mod)) for t in tasks})
@@ -331,9 +358,12 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
                      cost_model_file=cost_model_file, capping_runner=True)
     tuning_s = time.time() - t0 + earlier_s
 
-    database = ms.database.JSONDatabase(work_dir=str(run.database))
-    executable = frontend.compile_module(mod, target, database)
-    executable.export_library(str(run.module))
+    executable = frontend.compile_module(mod, target, open_database(run.database))
+    # The module and the results that vouch for it are one unit: the new module waits beside the old one
+    # until it is validated, results.json names its sha256, and export refuses a module.so it does not name
+    # (a kill between the two renames below leaves exactly that).
+    staged = run.root / ".module.staged.so"
+    executable.export_library(str(staged))
     module = CompiledModule(executable, targets.torch_device(target))
     measured = evaluate(workload, module, seeds=validation_seeds, repeats=repeats)
 
@@ -349,6 +379,7 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
         "command": command or sys.argv,
         "tasks": [task_summary(t, by_task.get(t.name, [])) for t in tasks],
         **measured,
+        "module": file_identity(staged),
         "tuning_wall_s": round(tuning_s, 1),  # over every invocation, when resumed
         "total_wall_s": round(time.time() - t0, 1),
     }
@@ -356,8 +387,10 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
         results["strategy_options"] = {k: v for k, v in strategy_options.items() if k != "client"}
     if hasattr(factory, "stats"):
         results["search"] = factory.stats()
+    os.replace(staged, run.module)
     write_json(run.results, results)
     return results
+
 
 
 def search_seconds(trials: list[dict]) -> float:
@@ -390,7 +423,11 @@ def _check_same_run(run: RunDir, **key) -> None:
     """Resuming into a run dir made for other inputs would mix their databases and trial counts."""
     from .rundir import write_json
 
-    old = json.loads(run.config.read_text()) if run.config.exists() else {}
+    try:
+        old = json.loads(run.config.read_text()) if run.config.exists() else {}
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{run.config} is damaged (not JSON), so this run dir's workload cannot be checked: "
+                        "delete that file to have it written again, or choose another -o") from None
     diff = [k for k in key if k in old and old[k] != key[k]]
     if diff == ["tasks"]:
         raise UserError(f"{run.root}: the workload's kernels changed since this run was made (another TVM or "
