@@ -39,9 +39,8 @@ PR_SET_PDEATHSIG = 1
 
 def worker_setup(parent_pid: int, cores: list[int] | None = None) -> None:
     """The first call in every worker process of our pools: it dies with its parent (a `kill -9` of tune left
-    TVM's popen_worker processes alive, 2-3 each time: issue 21), ignores the terminal's Ctrl-C (which
-    reaches the whole process group and turned the candidates in flight into errors: the parent decides when
-    to stop, issue 23), and runs on `cores`."""
+    TVM's popen_worker processes alive, 2-3 each time: issue 21), ignores Ctrl-C (the parent decides when to
+    stop; see _WorkersInTheirOwnSession) and runs on `cores`."""
     import ctypes
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -52,8 +51,25 @@ def worker_setup(parent_pid: int, cores: list[int] | None = None) -> None:
         os.sched_setaffinity(0, cores)
 
 
+class _WorkersInTheirOwnSession:
+    """TVM's popen_pool module sees this as `subprocess`: its workers start in a session (so a process group)
+    of their own, which a terminal's Ctrl-C does not reach. Ctrl-C's during a search killed workers that were
+    still importing TVM (a traceback each on the console) or measuring (their candidates recorded as errors)."""
+
+    def __getattr__(self, name):
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args, **kwargs):  # noqa: N802  subprocess's name
+        kwargs.setdefault("start_new_session", True)
+        return subprocess.Popen(*args, **kwargs)
+
+
 def worker_pool(max_workers: int, timeout: float | None, cores: list[int] | None = None, **kwargs) -> PopenPoolExecutor:
-    """TVM's PopenPoolExecutor whose workers run worker_setup first."""
+    """TVM's PopenPoolExecutor whose workers start in their own session and run worker_setup first."""
+    from tvm.support import popen_pool
+
+    popen_pool.subprocess = _WorkersInTheirOwnSession()
     return PopenPoolExecutor(max_workers=max_workers, timeout=timeout,
                              initializer=functools.partial(worker_setup, os.getpid(), cores), **kwargs)
 

@@ -2,6 +2,7 @@
 kill -9 and Ctrl-C (signals to the process group, as a terminal sends them) at measured moments, two tunes
 on one run dir, a full disk (a small tmpfs; needs root), a cut module.so. Each ends in one line and exit 2
 (130 for Ctrl-C), with no traceback, no measured record lost and no process left behind."""
+import contextlib
 import json
 import os
 import shutil
@@ -150,3 +151,104 @@ def test_a_read_only_run_dir_is_one_line(run, small_fs):
     assert subprocess.run(["mount", "-o", "remount,ro", str(small_fs)]).returncode == 0
     assert_one_line_error(schedsearch(*tune_args(small_fs / "run", BASE_TRIALS + 2)), "Read-only file system")
     assert records(small_fs / "run") == before
+
+
+# ---------------------------------------------------------------- processes: kill -9, two tunes, Ctrl-C
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 300, every: float = 0.02):
+    t0 = time.time()
+    while not condition():
+        assert proc.poll() is None, f"ended (rc {proc.returncode}) before {what}"
+        assert time.time() - t0 < timeout, f"no {what} after {timeout} s"
+        time.sleep(every)
+
+
+def log_count(run: Path, needle: str) -> int:
+    path = run / "tune.log"
+    return path.read_text(errors="replace").count(needle) if path.exists() else 0
+
+
+def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def assert_gone(processes: list[psutil.Process], within_s: float = 10) -> None:
+    """None of `processes` is alive `within_s` after their parent's end (zombies count as gone)."""
+    deadline = time.time() + within_s
+    alive = processes
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [" ".join(p.cmdline()) for p in alive]
+
+
+def end(proc: subprocess.Popen) -> None:
+    """Whatever a failed test left running: the process group the test started."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_kill_9_during_a_build_round_leaves_no_process_and_a_second_tune_is_refused(run, tmp_path):
+    rounds = log_count(run, "sample(s) to builder")
+    first = start(*tune_args(run, BASE_TRIALS + 2), log=tmp_path / "first.log")
+    try:
+        wait_for(lambda: "tuning softmax" in (tmp_path / "first.log").read_text(), first, "the first tune's banner")
+        second = schedsearch(*tune_args(run, BASE_TRIALS + 2), timeout=300)
+        assert_one_line_error(second, "in use by another schedsearch process", f"pid {first.pid}")
+        wait_for(lambda: log_count(run, "sample(s) to builder") > rounds, first, "a build round")
+        workers = descendants(first)
+        assert workers  # the build and run pools' processes
+        before = records(run)
+        first.kill()
+        first.wait()
+        assert_gone(workers)
+    finally:
+        end(first)
+    resumed = schedsearch(*tune_args(run, BASE_TRIALS + 2))  # the same command: resumes
+    assert resumed.returncode == 0, resumed.stderr
+    assert set(before) <= set(records(run))
+    assert len([t for t in map(json.loads, (run / "trials.jsonl").read_text().splitlines())]) == BASE_TRIALS + 2
+
+
+def test_ctrl_c_during_a_round_records_no_interrupted_candidate(run, tmp_path):
+    runs = log_count(run, "valid sample(s) to runner")
+    tune = start(*tune_args(run, BASE_TRIALS + 4), log=tmp_path / "tune.log")
+    try:
+        wait_for(lambda: log_count(run, "valid sample(s) to runner") > runs, tune, "a round's runs")
+        time.sleep(0.3)  # the runner's worker is measuring a candidate
+        os.killpg(tune.pid, signal.SIGINT)  # as a terminal's Ctrl-C: every process of the group
+        workers = descendants(tune)
+        assert tune.wait(timeout=120) == 130
+        assert_gone(workers)
+    finally:
+        end(tune)
+    log = (tmp_path / "tune.log").read_text()
+    assert "Traceback" not in log and "run the same command again to resume" in log, log
+    trials = [json.loads(l) for l in (run / "trials.jsonl").read_text().splitlines()]
+    assert len(trials) > BASE_TRIALS  # the round in flight was measured and kept
+    assert not [t for t in trials if t["error"]], trials
+    assert not [r for r in records(run) if "10000000000" in r.split('"')[-1]]  # MetaSchedule's error latency
+
+
+def test_a_second_ctrl_c_ends_tune_at_once(run, tmp_path):
+    searches = log_count(run, "Sample-Init-Population")
+    tune = start(*tune_args(run, BASE_TRIALS + 64), log=tmp_path / "tune.log")
+    try:
+        wait_for(lambda: log_count(run, "Sample-Init-Population") > searches, tune, "the search")
+        workers = descendants(tune)
+        os.killpg(tune.pid, signal.SIGINT)
+        time.sleep(0.2)
+        os.killpg(tune.pid, signal.SIGINT)
+        t0 = time.time()
+        rc = tune.wait(timeout=60)
+        assert time.time() - t0 < 5 and rc == 130
+        assert_gone(workers)
+    finally:
+        end(tune)
+    log = (tmp_path / "tune.log").read_text()
+    assert "Traceback" not in log and "run the same command again to resume" in log, log
