@@ -99,17 +99,45 @@ def searching():
         _in_search.clear()
 
 
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
 def os_error_message(e: OSError) -> str | None:
     """One line for an OSError the user can act on (disk full, no permission, read-only, a file where a
     directory should be), None for others."""
     path = e.filename if e.filename is not None else "?"
-    if e.errno in DISK_FULL:
-        return f"disk full: writing {path}: {e.strerror}: free some space, then run the same command again to resume"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return str(DiskFull(path, e.strerror))
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {path}: {e.strerror}: make it writable, or choose another -o"
     if e.errno in (errno.ENOTDIR, errno.EISDIR):
         return f"{path}: {e.strerror}: choose another -o"
     return None
+
+
+class DiskFull(UserError):
+    def __init__(self, path, strerror: str = "No space left on device"):
+        super().__init__(f"disk full: writing {path}: {strerror}: free some space, then run the same command "
+                         "again to resume (what was written is whole)")
+        self.path = path
+
+
+# The first write that failed for want of space (a DiskFull), during a search: every later write is skipped,
+# the search stops after the round in flight, and search() raises it.
+DISK_FULL: list = []
+
+
+def note_disk_full(e: OSError, path=None) -> bool:
+    """Record `e` if it is a full disk (the first one only); True if it is one."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return False
+    if not DISK_FULL:
+        DISK_FULL.append(DiskFull(path if path is not None else e.filename, e.strerror or os.strerror(e.errno)))
+    return True
+
+
+def disk_nearly_full(path, margin_bytes: int = 64 << 10) -> bool:
+    """Less than `margin_bytes` free where `path` lives (what a tool that failed without saying why, such as
+    the linker, leaves to guess)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < margin_bytes

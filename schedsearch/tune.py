@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -19,9 +20,9 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
 
 from . import measure
-from .errors import INTERRUPTED, UserError, searching
+from .errors import DISK_FULL, INTERRUPTED, DiskFull, UserError, disk_nearly_full, note_disk_full, searching
 from .frontend import Task
-from .rundir import RunDir, append_line, file_identity, open_database, repair_database, write_bytes
+from .rundir import RECORDS, RunDir, append_line, file_identity, open_database, repair_database, write_bytes
 
 
 @derived_object
@@ -38,6 +39,13 @@ class TrialLog(ms.measure_callback.PyMeasureCallback):
         self.t0 = time.time()
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+        try:
+            self._append(measure_candidates, builder_results, runner_results)
+        except OSError as e:  # raised into TVM's C++ it would come back as a RuntimeError traceback
+            if not note_disk_full(e):
+                raise
+
+    def _append(self, measure_candidates, builder_results, runner_results):
         for cand, b, r in zip(measure_candidates, builder_results, runner_results):
             self.done += 1
             error = b.error_msg or r.error_msg
@@ -71,10 +79,11 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
     measure.WarmBuilder, measure.WarmRunner), plus the deferred ones measured since. `finish()`, after
     the search, waits for the last of them."""
 
-    def __init__(self, take_late, callbacks: list, strategy, cost_model, ctx):
+    def __init__(self, take_late, callbacks: list, strategy, cost_model, ctx, records_file: Path):
         super().__init__()
         self.take_late, self.strategy, self.cost_model, self.ctx = take_late, strategy, cost_model, ctx
-        self.callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(), *callbacks]
+        self.add, self.remove = ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact()
+        self.callbacks, self.records_file = callbacks, records_file
         self.waiting: dict = {}  # token -> MeasureCandidate
         self.scheduler = None
 
@@ -110,6 +119,18 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
             return
         t0 = time.time()
         cands, builds, runs = map(list, zip(*rows))
+        self.remove.apply(*self.scheduler, cands, builds, runs)
+        if DISK_FULL:  # nothing more is written: what is there stays whole
+            return
+        size = self.records_file.stat().st_size if self.records_file.exists() else 0
+        self.add.apply(*self.scheduler, cands, builds, runs)  # a line each; on a full disk TVM cuts one silently
+        kept = whole_lines_since(self.records_file, size)
+        if kept < len(rows):
+            note_disk_full(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), self.records_file)
+            rows = rows[:kept]  # the trial log and the cost model get what the database holds
+            if not rows:
+                return
+            cands, builds, runs = map(list, zip(*rows))
         for callback in self.callbacks:
             callback.apply(*self.scheduler, cands, builds, runs)
         t1 = time.time()
@@ -132,6 +153,17 @@ def interrupted_candidate(error_msg) -> bool:
     """A candidate whose worker died while the user was stopping the search (Ctrl-C reaches the whole
     process group): an interruption, not a measured failure."""
     return INTERRUPTED.is_set() and error_msg is not None and WORKER_KILLED in str(error_msg)
+
+
+def whole_lines_since(path: Path, size: int) -> int:
+    """Lines appended to `path` past byte `size`; a cut last line (a full disk) is cut off again."""
+    with open(path, "rb+") as f:
+        f.seek(size)
+        added = f.read()
+        whole = added[:added.rfind(b"\n") + 1]
+        if len(whole) < len(added):
+            f.truncate(size + len(whole))
+    return whole.count(b"\n")
 
 
 def _short_error(msg: str) -> str:
@@ -173,6 +205,7 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     `stop`: asked before each round; True ends the search there (Ctrl-C does too, then raises)."""
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
+    DISK_FULL.clear()
     _log_to_file(run.log)
     database = open_database(run.database)
     import_tensor_intrinsics()
@@ -210,12 +243,14 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
             strategy = make_strategy(task)
             if isinstance(strategy, str):
                 strategy = ms.search_strategy.SearchStrategy.create(strategy)
-            stoppable = Stoppable(strategy, lambda: INTERRUPTED.is_set() or (stop is not None and stop()))
+            stoppable = Stoppable(strategy, lambda: INTERRUPTED.is_set() or bool(DISK_FULL)
+                                  or (stop is not None and stop()))
             ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
                                  search_strategy=stoppable, task_name=task.name,
                                  num_threads=len(os.sched_getaffinity(0)), rand_state=seed + i,
                                  logger=logging.getLogger("schedsearch.ms"))
-            results = LateResults(getattr(runner, "take_late", None), [log], stoppable, cost_model, ctx)
+            results = LateResults(getattr(runner, "take_late", None), [log], stoppable, cost_model, ctx,
+                                  run.database / RECORDS)
             with searching():
                 ms.tune_tasks(tasks=[ctx], task_weights=[float(task.weight)], work_dir=str(run.root),
                               max_trials_global=remaining, max_trials_per_task=remaining,
@@ -223,6 +258,8 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
                               database=database, cost_model=cost_model, measure_callbacks=[results],
                               task_scheduler="round-robin")
                 results.finish()
+            if DISK_FULL:
+                raise DISK_FULL[0]
             if INTERRUPTED.is_set():
                 raise KeyboardInterrupt
             if getattr(strategy, "error", None) is not None:
@@ -311,9 +348,23 @@ class Stoppable(ms.search_strategy.PySearchStrategy):
         return Stoppable(self.inner.clone(), self.stop)
 
 
+class RunLog(logging.FileHandler):
+    """tune.log. On a full disk the search is told to stop (errors.note_disk_full) and nothing more is
+    written, instead of logging's traceback for each line that follows (21 of them in issue 23)."""
+
+    def emit(self, record) -> None:
+        if not DISK_FULL:
+            super().emit(record)
+
+    def handleError(self, record) -> None:  # noqa: N802  logging's name
+        e = sys.exc_info()[1]
+        if not (isinstance(e, OSError) and note_disk_full(e, self.baseFilename)):
+            super().handleError(record)
+
+
 def _log_to_file(path: Path) -> None:
     """MetaSchedule logs every round to the console; keep that in the run dir instead."""
-    handler = logging.FileHandler(path)
+    handler = RunLog(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     for name in ("tvm.s_tir.meta_schedule", "schedsearch.ms"):
         logger = logging.getLogger(name)
@@ -333,17 +384,14 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
     rpc_at = rpc.parse_runner_spec(runner_spec)  # a bad spec fails before any work
     t0 = time.time()
     run.create()
-    with run.locked():
+    with run.locked(), disk_full_means(run.root):
         return _tune_locked(workload, target, run, strategy, trials, seed, validation_seeds, repeats, command,
                             strategy_options, cost_model_file, runner_spec, rpc_at, t0)
 
 
 def _tune_locked(workload, target, run: RunDir, strategy, trials, seed, validation_seeds, repeats, command,
                  strategy_options, cost_model_file, runner_spec, rpc_at, t0) -> dict:
-    from . import frontend, rpc, strategies, target as targets
-    from .evaluate import evaluate
-    from .rundir import SCHEMA, write_json
-    from .runtime import CompiledModule
+    from . import frontend, rpc, strategies
 
     _check_same_run(run, workload_sha256=workload.sha256, size=workload.size, target=str(target), strategy=strategy)
     repair_database(run.database)  # a damaged database is refused before any work
@@ -357,6 +405,34 @@ def _tune_locked(workload, target, run: RunDir, strategy, trials, seed, validati
     by_task = search(tasks, target, run, strategy, factory, trials, seed, runner=runner,
                      cost_model_file=cost_model_file, capping_runner=True)
     tuning_s = time.time() - t0 + earlier_s
+
+    return _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy, trials, seed,
+                                   validation_seeds, repeats, command, strategy_options, runner_spec, factory,
+                                   tuning_s, t0)
+
+
+@contextlib.contextmanager
+def disk_full_means(directory: Path):
+    """A tool's failure on a full disk (the linker writing module.so says only its command line) is reported
+    as the full disk it is."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        if isinstance(e, OSError) and note_disk_full(e):
+            raise DISK_FULL[-1] from None
+        if "No space left on device" in str(e) or disk_nearly_full(directory):
+            raise DiskFull(directory) from None
+        raise
+
+
+def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy, trials, seed, validation_seeds,
+                            repeats, command, strategy_options, runner_spec, factory, tuning_s, t0) -> dict:
+    from . import frontend, target as targets
+    from .evaluate import evaluate
+    from .rundir import SCHEMA, write_json
+    from .runtime import CompiledModule
 
     executable = frontend.compile_module(mod, target, open_database(run.database))
     # The module and the results that vouch for it are one unit: the new module waits beside the old one

@@ -252,3 +252,40 @@ def test_a_second_ctrl_c_ends_tune_at_once(run, tmp_path):
         end(tune)
     log = (tmp_path / "tune.log").read_text()
     assert "Traceback" not in log and "run the same command again to resume" in log, log
+
+
+# ---------------------------------------------------------------- disk full (a 3 MB tmpfs)
+
+def fill(fs: Path) -> Path:
+    """Take every free byte of the filesystem at `fs`; returns the filler file."""
+    filler = fs / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(fs).free)
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 512)
+    return filler
+
+
+def test_a_disk_filling_mid_round_stops_whole_and_resumes_once_freed(run, small_fs, tmp_path):
+    run = Path(shutil.copytree(run, small_fs / "run"))
+    before = records(run)
+    runs = log_count(run, "valid sample(s) to runner")
+    tune = start(*tune_args(run, BASE_TRIALS + 4), log=tmp_path / "tune.log")
+    try:
+        wait_for(lambda: log_count(run, "valid sample(s) to runner") > runs, tune, "a round's runs")
+        filler = fill(small_fs)  # the round's records are still to be written
+        assert tune.wait(timeout=300) == 2
+    finally:
+        end(tune)
+    proc = subprocess.CompletedProcess(tune.args, tune.returncode, "", (tmp_path / "tune.log").read_text())
+    assert_one_line_error(proc, "disk full: writing", str(run))
+    for name in ("database/database_tuning_record.json", "trials.jsonl"):  # whole lines only
+        assert all(json.loads(line) for line in (run / name).read_text().splitlines()), name
+    assert set(before) <= set(records(run))
+    filler.unlink()
+    resumed = schedsearch(*tune_args(run, BASE_TRIALS + 4))
+    assert resumed.returncode == 0, resumed.stderr
+    assert set(before) <= set(records(run))
+    assert len((run / "trials.jsonl").read_text().splitlines()) == BASE_TRIALS + 4
