@@ -289,3 +289,71 @@ def test_a_disk_filling_mid_round_stops_whole_and_resumes_once_freed(run, small_
     assert resumed.returncode == 0, resumed.stderr
     assert set(before) <= set(records(run))
     assert len((run / "trials.jsonl").read_text().splitlines()) == BASE_TRIALS + 4
+
+
+# ---------------------------------------------------------------- export and load (issue 23)
+
+@pytest.fixture(scope="session")
+def base_dist(base_run, tmp_path_factory) -> Path:
+    dist = tmp_path_factory.mktemp("dist") / "softmax"
+    proc = schedsearch("export", base_run, "-o", dist)
+    assert proc.returncode == 0, proc.stderr
+    return dist
+
+
+def test_export_refuses_a_module_its_results_do_not_vouch_for(run, tmp_path):
+    # What a kill during a re-tune's final validation left: the new module.so, the old results.json.
+    with open(run / "module.so", "ab") as f:
+        f.write(b"\0" * 64)
+    assert_one_line_error(schedsearch("export", run, "-o", tmp_path / "dist"),
+                          "is not the module results.json validated", "run the same tune command again")
+    assert not (tmp_path / "dist").exists()
+
+
+def test_a_cut_module_so_is_refused_before_it_is_loaded(base_dist, tmp_path):
+    dist = Path(shutil.copytree(base_dist, tmp_path / "dist"))
+    size = (dist / "module.so").stat().st_size
+    os.truncate(dist / "module.so", size // 2)
+    for argv in (["run", dist, "--repeats", "2"], ["run", dist, "--check", "--seeds", "1", "--repeats", "2"]):
+        assert_one_line_error(schedsearch(*argv), f"the manifest says {size}")
+    code = ("import sys, schedsearch\nfrom schedsearch.errors import UserError\n"
+            "try:\n    schedsearch.load(sys.argv[1])\nexcept UserError as e:\n    print(e)\n    sys.exit(2)")
+    proc = subprocess.run([sys.executable, "-c", code, str(dist)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and f"the manifest says {size}" in proc.stdout, (proc.returncode, proc.stderr)
+
+
+# ---------------------------------------------------------------- RPC (issue 23)
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_worker_started_before_its_tracker_waits_and_registers(tmp_path):
+    from tvm import rpc
+
+    port = free_port()
+    worker = start("worker", "--tracker", f"127.0.0.1:{port}", "--key", "early", "--host", "127.0.0.1",
+                   "--port", free_port(), log=tmp_path / "worker.log")
+    tracker = None
+    try:
+        wait_for(lambda: "no tracker at" in (tmp_path / "worker.log").read_text(), worker, "the waiting line", 120)
+        time.sleep(3)
+        assert worker.poll() is None
+        tracker = start("tracker", "--host", "127.0.0.1", "--port", port, log=tmp_path / "tracker.log")
+
+        def registered() -> bool:
+            with contextlib.suppress(Exception):
+                client = rpc.connect_tracker("127.0.0.1", port)
+                return any(s["key"].endswith(":early") for s in client.summary()["server_info"])
+            return False
+        wait_for(registered, worker, "the worker's registration", 120, every=1)
+    finally:
+        end(worker)
+        if tracker is not None:
+            end(tracker)
+    assert "Traceback" not in (tmp_path / "worker.log").read_text()
