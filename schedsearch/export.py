@@ -25,6 +25,7 @@ from .rundir import RunDir, file_identity, write_json
 
 MANIFEST_SCHEMA = 1
 MODULE, MANIFEST, DATABASE = "module.so", "manifest.json", "database"
+ALIGNMENT = 64  # what TVM's from_dlpack requires of a tensor's data ("FromDLPack: Data is not aligned")
 
 
 # ---------------------------------------------------------------- packaging
@@ -321,6 +322,9 @@ class ExportedModule:
             if not x.is_contiguous():
                 raise UserError(f"input {i} ({spec['name']}): not contiguous (strides {x.stride()}); the module "
                                 "reads the caller's memory in place: pass x.contiguous()")
+            if x.numel() and x.data_ptr() % ALIGNMENT:
+                raise UserError(f"input {i} ({spec['name']}): its data is not {ALIGNMENT}-byte aligned (a view at "
+                                "an offset into another tensor?); the module reads it in place: pass x.clone()")
 
     def __repr__(self) -> str:
         io = lambda specs: ", ".join(f"{tuple(s['shape'])} {s['dtype']}" for s in specs)

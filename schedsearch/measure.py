@@ -86,9 +86,39 @@ def export_shared_library(rt_mod) -> str:
     0.3 ms for the .so, which costs 11 ms more to export in the pool)."""
     import tempfile
 
-    path = os.path.join(tempfile.mkdtemp(prefix="schedsearch-"), "candidate.so")
+    # Named after the tuning process (this worker's parent): what a kill leaves is removed by the next search.
+    path = os.path.join(tempfile.mkdtemp(prefix=f"{CANDIDATE_DIR_PREFIX}{os.getppid()}-"), "candidate.so")
     rt_mod.export_library(path)
     return path
+
+
+CANDIDATE_DIR_PREFIX = "schedsearch-"
+
+
+def remove_candidate_dirs(only_pid: int | None = None) -> None:
+    """Candidates' build folders in the temp dir left by tuning processes that are gone (kill -9, a second
+    Ctrl-C, deferred builds of an interrupted search), or all of `only_pid`'s."""
+    import shutil
+    import tempfile
+
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        m = re.fullmatch(re.escape(CANDIDATE_DIR_PREFIX) + r"(\d+)-\w+", name)
+        if m is None or not os.path.isdir(os.path.join(root, name)):
+            continue
+        pid = int(m[1])
+        if pid == only_pid or (only_pid is None and not _alive(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @derived_object
@@ -122,6 +152,7 @@ class WarmBuilder(ms.builder.PyBuilder):
         before the search proposes its first round, so they get ready meanwhile (H100 machine, matmul
         2048³: the first round's builds took 31-47 s when the workers started with them, 15-31 s so)."""
         if self._pool is None:
+            remove_candidate_dirs()
             self._pool = worker_pool(len(self.cores), self.timeout_sec, self.cores)
             self._built = 0
             for _ in self.cores:  # a task per worker thread: each starts its own process

@@ -274,6 +274,8 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     finally:  # pools left to the GC can deadlock (TVM's PopenPoolExecutor says so)
         for x in owned:
             x.close()
+        if mine[0]:  # our builder's candidates still on disk (deferred builds of an interrupted search)
+            measure.remove_candidate_dirs(only_pid=os.getpid())
 
 
 def import_tensor_intrinsics() -> None:
@@ -395,8 +397,15 @@ def _tune_locked(workload, target, run: RunDir, strategy, trials, seed, validati
 
     _check_same_run(run, workload_sha256=workload.sha256, size=workload.size, target=str(target), strategy=strategy)
     repair_database(run.database)  # a damaged database is refused before any work
+    empty = [f"{n} {tuple(shape)}" for n, (shape, _) in zip(workload.input_names, workload.input_specs) if 0 in shape]
+    if empty:
+        raise UserError(f"{workload.name}: input {', '.join(empty)} has no elements: there is nothing to tune "
+                        "(check the sizes, or --input-shape)")
     mod = frontend.import_onnx(frontend.export_onnx(workload, run.onnx), workload.shapes())
     tasks = frontend.extract_tasks(mod, target)
+    if not tasks:
+        raise UserError(f"{workload.name}: the model has no kernels to tune (TVM computes it without one, e.g. it "
+                        "returns an input or a constant)")
     _check_same_run(run, tasks={t.name: str(tvm_ffi.structural_hash(t.mod)) for t in tasks})
     earlier_s = search_seconds(run.read_trials())  # a resumed run: what earlier invocations spent searching
     factory = strategies.make(strategy, run=run, target=target, seed=seed, **(strategy_options or {}))
@@ -405,6 +414,7 @@ def _tune_locked(workload, target, run: RunDir, strategy, trials, seed, validati
     by_task = search(tasks, target, run, strategy, factory, trials, seed, runner=runner,
                      cost_model_file=cost_model_file, capping_runner=True)
     tuning_s = time.time() - t0 + earlier_s
+    t0 -= earlier_s  # total_wall_s counts the earlier invocations' search too: never less than tuning_wall_s
 
     return _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy, trials, seed,
                                    validation_seeds, repeats, command, strategy_options, runner_spec, factory,
@@ -457,7 +467,7 @@ def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy
         **measured,
         "module": file_identity(staged),
         "tuning_wall_s": round(tuning_s, 1),  # over every invocation, when resumed
-        "total_wall_s": round(time.time() - t0, 1),
+        "total_wall_s": round(time.time() - t0, 1),  # this invocation, plus earlier ones' search
     }
     if strategy_options:
         results["strategy_options"] = {k: v for k, v in strategy_options.items() if k != "client"}

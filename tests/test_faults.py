@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -213,6 +214,9 @@ def test_kill_9_during_a_build_round_leaves_no_process_and_a_second_tune_is_refu
     assert resumed.returncode == 0, resumed.stderr
     assert set(before) <= set(records(run))
     assert len([t for t in map(json.loads, (run / "trials.jsonl").read_text().splitlines())]) == BASE_TRIALS + 2
+    assert not list(Path(tempfile.gettempdir()).glob(f"schedsearch-{first.pid}-*"))  # its candidates' folders
+    results = json.loads((run / "results.json").read_text())
+    assert results["tuning_wall_s"] <= results["total_wall_s"]
 
 
 def test_ctrl_c_during_a_round_records_no_interrupted_candidate(run, tmp_path):
@@ -357,3 +361,35 @@ def test_a_worker_started_before_its_tracker_waits_and_registers(tmp_path):
         if tracker is not None:
             end(tracker)
     assert "Traceback" not in (tmp_path / "worker.log").read_text()
+
+
+# ---------------------------------------------------------------- smaller (issue 23, item 8)
+
+@pytest.mark.parametrize("body, message", [
+    ("class Model(nn.Module):\n    def forward(self, x):\n        return x\n"
+     "def get_inputs():\n    return [torch.randn(4, 4)]\ndef get_init_inputs():\n    return []\n",
+     "no kernels to tune"),
+    ("class Model(nn.Module):\n    def forward(self, x):\n        return torch.relu(x)\n"
+     "def get_inputs():\n    return [torch.randn(0, 4)]\ndef get_init_inputs():\n    return []\n",
+     "has no elements"),
+])
+def test_a_model_with_nothing_to_tune_is_one_line(write_problem, tmp_path, body, message):
+    args = tune_args(tmp_path / "run")
+    args[1:4] = [write_problem(body)]  # no --size: it has one size
+    assert_one_line_error(schedsearch(*args, timeout=150), message)
+
+
+def test_an_unaligned_input_view_is_refused_in_one_line(base_dist):
+    import torch
+
+    import schedsearch as package
+    from schedsearch.errors import UserError
+
+    fn = package.load(base_dist)
+    spec = fn.manifest["inputs"][0]
+    n = 1
+    for d in spec["shape"]:
+        n *= d
+    view = torch.randn(n + 1)[1:].view(spec["shape"])  # 4 bytes into its storage
+    with pytest.raises(UserError, match="not 64-byte aligned"):
+        fn(view)
