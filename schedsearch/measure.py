@@ -51,18 +51,30 @@ def worker_setup(parent_pid: int, cores: list[int] | None = None) -> None:
         os.sched_setaffinity(0, cores)
 
 
+# A worker's first lines, before it imports TVM (seconds; ~10 s on the CPU box with its cores busy): from here
+# on it dies with the pool thread that started it, and it exits if its parent is already gone. A worker
+# still importing when its parent was killed lived on until the import was done.
+_WORKER_BOOT = ("import ctypes, os, runpy, signal, sys\n"
+                f"ctypes.CDLL(None).prctl({PR_SET_PDEATHSIG}, signal.SIGKILL)\n"
+                "if os.getppid() != int(sys.argv.pop(1)):\n    os._exit(1)\n"
+                "runpy.run_module('tvm.exec.popen_worker', run_name='__main__', alter_sys=True)\n")
+
+
 class _WorkersInTheirOwnSession:
-    """TVM's popen_pool module sees this as `subprocess`: its workers start in a session (so a process group)
-    of their own, which a terminal's Ctrl-C does not reach. Ctrl-C's during a search killed workers that were
-    still importing TVM (a traceback each on the console) or measuring (their candidates recorded as errors)."""
+    """TVM's popen_pool module sees this as `subprocess`: its workers start with _WORKER_BOOT, in a session
+    (so a process group) of their own, which a terminal's Ctrl-C does not reach. Ctrl-C's during a search
+    killed workers that were still importing TVM (a traceback each on the console) or measuring (their
+    candidates recorded as errors)."""
 
     def __getattr__(self, name):
         return getattr(subprocess, name)
 
     @staticmethod
-    def Popen(*args, **kwargs):  # noqa: N802  subprocess's name
+    def Popen(cmd, *args, **kwargs):  # noqa: N802  subprocess's name
+        if list(cmd[1:3]) == ["-m", "tvm.exec.popen_worker"]:
+            cmd = [cmd[0], "-c", _WORKER_BOOT, str(os.getpid()), *cmd[3:]]
         kwargs.setdefault("start_new_session", True)
-        return subprocess.Popen(*args, **kwargs)
+        return subprocess.Popen(cmd, *args, **kwargs)
 
 
 def worker_pool(max_workers: int, timeout: float | None, cores: list[int] | None = None, **kwargs) -> PopenPoolExecutor:
