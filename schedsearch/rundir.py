@@ -179,6 +179,28 @@ def write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def drop_cut_tail(path: Path) -> None:
+    """Cut off a last line without its newline (a kill or a full disk while it was appended), so the next
+    append starts a line of its own instead of gluing a whole record to a broken one."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            step = min(pos, 1 << 16)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            if pos == end and chunk.endswith(b"\n"):
+                return
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                f.truncate(pos - step + newline + 1)
+                return
+            pos -= step
+        f.truncate(0)
+
+
 def append_line(path: Path, line: str) -> None:
     """Append one line whole: one write() of the line with its newline (O_APPEND). If the disk fills, the
     part that was written is cut off again, so the file always ends with a whole line."""

@@ -22,7 +22,8 @@ from tvm.ir.utils import derived_object
 from . import measure
 from .errors import DISK_FULL, INTERRUPTED, DiskFull, UserError, disk_nearly_full, note_disk_full, searching
 from .frontend import Task
-from .rundir import RECORDS, RunDir, append_line, file_identity, open_database, repair_database, write_bytes
+from .rundir import (RECORDS, RunDir, append_line, drop_cut_tail, file_identity, open_database, repair_database,
+                     write_bytes)
 
 
 @derived_object
@@ -208,6 +209,7 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     DISK_FULL.clear()
     _log_to_file(run.log)
     database = open_database(run.database)
+    drop_cut_tail(run.trials)
     import_tensor_intrinsics()
     best_file = run.root / "best_s.txt"  # the running task's best, for the runner's cap
     capping_runner = runner is None if capping_runner is None else capping_runner

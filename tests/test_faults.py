@@ -404,3 +404,14 @@ def test_an_unaligned_input_view_is_refused_in_one_line(base_dist):
     view = torch.randn(n + 1)[1:].view(spec["shape"])  # 4 bytes into its storage
     with pytest.raises(UserError, match="not 64-byte aligned"):
         fn(view)
+
+
+def test_appends_after_a_cut_line_start_a_line_of_their_own(tmp_path):
+    """transcript.jsonl after a kill mid-append: the next run's records are whole lines, not glued to the cut one."""
+    from schedsearch.llm_client import make_client
+
+    transcript = tmp_path / "transcript.jsonl"
+    transcript.write_text('{"event": "program", "verdict": "ok"}\n{"event": "prog')
+    client = make_client(f"files:{tmp_path / 'requests'}", model="m", transcript=transcript)
+    client.log_event("program", verdict="rejected")
+    assert [json.loads(l)["verdict"] for l in transcript.read_text().splitlines()] == ["ok", "rejected"]
