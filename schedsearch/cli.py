@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import compare, export, rpc
-from .errors import INTERRUPTED, UserError, catch_interrupts
+from .errors import INTERRUPTED, INTERRUPTED_MESSAGE, UserError, catch_interrupts, os_error_message
 
 
 def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
@@ -136,9 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
         return 0
     except KeyboardInterrupt:
-        print("\nschedsearch: interrupted; everything measured so far is in the run directory's "
-              "database: run the same command again to resume", file=sys.stderr)
+        print("\n" + INTERRUPTED_MESSAGE, file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, permissions, a file named as a directory: the user's to fix
+        message = os_error_message(e)
+        if message is None:
+            raise
+        print(f"schedsearch: error: {message}", file=sys.stderr)
+        return 2
 
 
 def cmd_workloads(args) -> int:

@@ -18,7 +18,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import INTERRUPTED, UserError
+from .errors import INTERRUPTED, DamagedFile, UserError
 from .rundir import RunDir, write_json
 
 SCHEMA = 1
@@ -243,6 +243,11 @@ def _worker_main(slot: dict, settings: dict, jobs, results) -> None:
     # jobs and end the search after the round in flight (see errors.py).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, lambda *_: INTERRUPTED.set())
+    from .measure import worker_setup  # dies with the parent, as the pools' workers do (a kill -9 of compare)
+
+    import multiprocessing
+
+    worker_setup(multiprocessing.parent_process().pid)
     if slot["gpu"] is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = slot["gpu"]
     os.sched_setaffinity(0, slot["cpus"])
@@ -350,7 +355,11 @@ def finished(run: RunDir, workload, target, trials: int) -> dict | None:
     """The arm's results if it already spent exactly this budget on this workload/size/target, else None."""
     if not run.results.is_file():
         return None
-    res = run.read_results()
+    try:
+        res = run.read_results()
+    except DamagedFile as e:  # the arm is tuned again: it spends only the trials still missing, then rewrites it
+        print(f"schedsearch: warning: {e.path} is damaged: rebuilding it from the arm's database", file=sys.stderr)
+        return None
     if (res["workload"]["sha256"], res["workload"]["size"], res["target"]) != (workload.sha256, workload.size, str(target)):
         raise UserError(f"{run.root} holds a run of another workload, size or target: choose another -o")
     if res["trials_per_task"] > trials:

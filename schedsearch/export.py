@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import platform
 import re
 import shutil
@@ -20,10 +21,11 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
-from .rundir import RunDir, write_json
+from .rundir import RunDir, file_identity, write_json
 
 MANIFEST_SCHEMA = 1
 MODULE, MANIFEST, DATABASE = "module.so", "manifest.json", "database"
+ALIGNMENT = 64  # what TVM's from_dlpack requires of a tensor's data ("FromDLPack: Data is not aligned")
 
 
 # ---------------------------------------------------------------- packaging
@@ -34,10 +36,11 @@ def export_run(run_dir: str | Path, dist_dir: str | Path) -> dict:
     for path, why in ((run.results, "tune writes it at the end"), (run.module, "the compiled module")):
         if not path.is_file():
             raise UserError(f"{run.root} is not a finished run directory: no {path.name} ({why})")
-    try:
-        res = run.read_results()
-    except (ValueError, KeyError) as e:
-        raise UserError(str(e)) from e
+    res = run.read_results()
+    vouched = res.get("module")  # None in runs made before results.json named its module
+    if vouched is not None and file_identity(run.module) != vouched:
+        raise UserError(f"{run.module} is not the module {run.results.name} validated (its size or sha256 differs: "
+                        "a tune was stopped between writing the two): run the same tune command again, then export")
     if not res["validation"]["passed"]:
         raise UserError(f"{run.root}: the module FAILED validation when it was tuned ({res['validation']['failed']} "
                         f"of {res['validation']['checks']} checks): it computes something else, not exporting it")
@@ -49,12 +52,16 @@ def export_run(run_dir: str | Path, dist_dir: str | Path) -> dict:
     with _staged(Path(dist_dir)) as dist:
         shutil.copytree(run.database, dist / DATABASE)
         shutil.copyfile(run.module, dist / MODULE)
+        module = file_identity(dist / MODULE)
+        if vouched is not None and module != vouched:  # changed while being copied (another tune finishing)
+            raise UserError(f"{run.module} changed while it was exported: export again")
         manifest = {
             "schema": MANIFEST_SCHEMA, "made_by": "export", "inputs": inputs, "outputs": outputs,
             "target": res["target"], "target_kind": device["kind"], "arch": _arch(device),
             "device": device, "versions": res["versions"],
             "workload": {**_copy_workload(source, wl["sha256"], wl["size"], wl["name"], dist),
                          "weights_sha256": wl.get("weights_sha256")},  # None where tune did not record it
+            "module": module,
             "strategy": res["strategy"], "trials_per_task": res["trials_per_task"],
             "tasks": [{k: v for k, v in t.items() if k != "curve"} for t in res["tasks"]],
             "validation": res["validation"], "timing": res["timing"],
@@ -97,6 +104,7 @@ def build(workload_path: str | Path, schedules: str | Path | None, dist_dir: str
         tasks = [_task_entry(database, t, target, fallback) for t in extracted]
         frontend.compile_module(mod, target, database).export_library(str(dist / MODULE))
         manifest = {
+            "module": file_identity(dist / MODULE),
             "schema": MANIFEST_SCHEMA, "made_by": "build",
             "inputs": [{"name": n, "shape": list(s), "dtype": _dtype_name(d)}
                        for n, (s, d) in zip(wl.input_names, wl.input_specs)],
@@ -127,12 +135,15 @@ def _staged(dist: Path):
         raise UserError(f"{dist} is not empty and holds no {MANIFEST}: choose another -o")
     dist.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{dist.name}.", dir=dist.parent))
+    old = dist.with_name(f".{dist.name}.old.{os.getpid()}")
     try:
         yield stage
-        shutil.rmtree(dist, ignore_errors=True)
+        if dist.exists():  # renames only: a kill leaves the old dist dir, or the new one, never a mix
+            dist.rename(old)
         stage.rename(dist)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _checked_source(path: Path, sha256: str, what: str) -> Path:
@@ -230,6 +241,22 @@ def read_manifest(root: str | Path) -> dict:
     if not (root / MODULE).is_file():
         raise UserError(f"{root}: {MODULE} is missing")
     return manifest
+
+
+def _check_module_file(root: Path, manifest: dict) -> None:
+    """Before loading: a cut or changed module.so kills the loading process (SIGBUS, rc 135, not an exception:
+    issue 23), so compare it with the size and sha256 the manifest holds (manifests made before it held
+    them are not checked)."""
+    want = manifest.get("module")
+    if not want:
+        return
+    size = (root / MODULE).stat().st_size
+    if size != want["bytes"]:
+        raise UserError(f"{root / MODULE} is {size} bytes, the manifest says {want['bytes']} (cut short by a full "
+                        "disk or an interrupted copy?): export or build it again")
+    if file_identity(root / MODULE)["sha256"] != want["sha256"]:
+        raise UserError(f"{root / MODULE} changed since it was exported (sha256 differs from the manifest's): "
+                        "export or build it again")
 
 
 def arch_problem(arch: str, compute_version: str) -> str | None:
@@ -332,6 +359,9 @@ class ExportedModule:
             if not x.is_contiguous():
                 raise UserError(f"input {i} ({spec['name']}): not contiguous (strides {x.stride()}); the module "
                                 "reads the caller's memory in place: pass x.contiguous()")
+            if x.numel() and x.data_ptr() % ALIGNMENT:
+                raise UserError(f"input {i} ({spec['name']}): its data is not {ALIGNMENT}-byte aligned (a view at "
+                                "an offset into another tensor?); the module reads it in place: pass x.clone()")
 
     def __repr__(self) -> str:
         io = lambda specs: ", ".join(f"{tuple(s['shape'])} {s['dtype']}" for s in specs)
@@ -343,6 +373,7 @@ def load(path: str | Path) -> ExportedModule:
     root = Path(path)
     manifest = read_manifest(root)
     _check_device(root, manifest)
+    _check_module_file(root, manifest)
     return ExportedModule(root, manifest)
 
 

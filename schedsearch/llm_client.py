@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schedsearch.errors import UserError
+from schedsearch.rundir import append_line, drop_cut_tail
 
 NO_ENDPOINT = ("no LLM endpoint configured: set OPENAI_BASE_URL (and OPENAI_API_KEY) "
                "or use --llm replay:PATH / files:DIR")
@@ -103,6 +104,7 @@ class LLMClient:
         self.transcript = Path(transcript) if transcript else None
         if self.transcript:
             self.transcript.parent.mkdir(parents=True, exist_ok=True)
+            drop_cut_tail(self.transcript)
         self.concurrency = max(1, int(concurrency))
         self.price_in, self.price_out = price_in, price_out  # USD per 1M input / output tokens
         self._slots = threading.BoundedSemaphore(self.concurrency)  # cap across concurrent batches too
@@ -161,10 +163,9 @@ class LLMClient:
     def _append(self, record: dict) -> None:
         if not self.transcript:
             return
-        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
-        with self._lock, open(self.transcript, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
+        line = json.dumps(record, ensure_ascii=False, default=str)
+        with self._lock:
+            append_line(self.transcript, line)  # whole, or not at all
 
     def usage(self) -> dict:
         with self._lock:

@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import re
+import signal
 import subprocess
 import time
 
@@ -33,6 +34,58 @@ def build_kernel(mod, target, _params):
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def worker_setup(parent_pid: int, cores: list[int] | None = None) -> None:
+    """The first call in every worker process of our pools: it dies with its parent (a `kill -9` of tune left
+    TVM's popen_worker processes alive, 2-3 each time: issue 21), ignores Ctrl-C (the parent decides when to
+    stop; see _WorkersInTheirOwnSession) and runs on `cores`."""
+    import ctypes
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(1)
+    if cores is not None:
+        os.sched_setaffinity(0, cores)
+
+
+# A worker's first lines, before it imports TVM (seconds; ~10 s on the CPU box with its cores busy): from here
+# on it dies with the pool thread that started it, and it exits if its parent is already gone. A worker
+# still importing when its parent was killed lived on until the import was done.
+_WORKER_BOOT = ("import ctypes, os, runpy, signal, sys\n"
+                f"ctypes.CDLL(None).prctl({PR_SET_PDEATHSIG}, signal.SIGKILL)\n"
+                "if os.getppid() != int(sys.argv.pop(1)):\n    os._exit(1)\n"
+                "runpy.run_module('tvm.exec.popen_worker', run_name='__main__', alter_sys=True)\n")
+
+
+class _WorkersInTheirOwnSession:
+    """TVM's popen_pool module sees this as `subprocess`: its workers start with _WORKER_BOOT, in a session
+    (so a process group) of their own, which a terminal's Ctrl-C does not reach. Ctrl-C's during a search
+    killed workers that were still importing TVM (a traceback each on the console) or measuring (their
+    candidates recorded as errors)."""
+
+    def __getattr__(self, name):
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(cmd, *args, **kwargs):  # noqa: N802  subprocess's name
+        if list(cmd[1:3]) == ["-m", "tvm.exec.popen_worker"]:
+            cmd = [cmd[0], "-c", _WORKER_BOOT, str(os.getpid()), *cmd[3:]]
+        kwargs.setdefault("start_new_session", True)
+        return subprocess.Popen(cmd, *args, **kwargs)
+
+
+def worker_pool(max_workers: int, timeout: float | None, cores: list[int] | None = None, **kwargs) -> PopenPoolExecutor:
+    """TVM's PopenPoolExecutor whose workers start in their own session and run worker_setup first."""
+    from tvm.support import popen_pool
+
+    popen_pool.subprocess = _WorkersInTheirOwnSession()
+    return PopenPoolExecutor(max_workers=max_workers, timeout=timeout,
+                             initializer=functools.partial(worker_setup, os.getpid(), cores), **kwargs)
+
+
 def _import_build_modules() -> None:
     """A build worker's first task, before the first round: the imports build_kernel needs."""
     from tvm.driver import build  # noqa: F401
@@ -45,9 +98,39 @@ def export_shared_library(rt_mod) -> str:
     0.3 ms for the .so, which costs 11 ms more to export in the pool)."""
     import tempfile
 
-    path = os.path.join(tempfile.mkdtemp(prefix="schedsearch-"), "candidate.so")
+    # Named after the tuning process (this worker's parent): what a kill leaves is removed by the next search.
+    path = os.path.join(tempfile.mkdtemp(prefix=f"{CANDIDATE_DIR_PREFIX}{os.getppid()}-"), "candidate.so")
     rt_mod.export_library(path)
     return path
+
+
+CANDIDATE_DIR_PREFIX = "schedsearch-"
+
+
+def remove_candidate_dirs(only_pid: int | None = None) -> None:
+    """Candidates' build folders in the temp dir left by tuning processes that are gone (kill -9, a second
+    Ctrl-C, deferred builds of an interrupted search), or all of `only_pid`'s."""
+    import shutil
+    import tempfile
+
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        m = re.fullmatch(re.escape(CANDIDATE_DIR_PREFIX) + r"(\d+)-\w+", name)
+        if m is None or not os.path.isdir(os.path.join(root, name)):
+            continue
+        pid = int(m[1])
+        if pid == only_pid or (only_pid is None and not _alive(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @derived_object
@@ -81,8 +164,8 @@ class WarmBuilder(ms.builder.PyBuilder):
         before the search proposes its first round, so they get ready meanwhile (H100 machine, matmul
         2048³: the first round's builds took 31-47 s when the workers started with them, 15-31 s so)."""
         if self._pool is None:
-            self._pool = PopenPoolExecutor(max_workers=len(self.cores), timeout=self.timeout_sec,
-                                           initializer=functools.partial(os.sched_setaffinity, 0, self.cores))
+            remove_candidate_dirs()
+            self._pool = worker_pool(len(self.cores), self.timeout_sec, self.cores)
             self._built = 0
             for _ in self.cores:  # a task per worker thread: each starts its own process
                 self._pool.submit(_import_build_modules)
@@ -279,8 +362,7 @@ class WarmRunner(ms.runner.PyRunner):
         cores = sorted(os.sched_getaffinity(0))
         self.overlap = (target.kind.name == "cuda" if overlap is None else overlap) and len(cores) > 1
         run_cores, self.build_cores = (cores[:1], cores[1:]) if self.overlap else (cores, cores)
-        self.pool = PopenPoolExecutor(max_workers=1, timeout=self.timeout_sec, stderr=subprocess.DEVNULL,
-                                      initializer=functools.partial(os.sched_setaffinity, 0, run_cores))
+        self.pool = worker_pool(1, self.timeout_sec, run_cores, stderr=subprocess.DEVNULL)
         self.defer_runs = defer and self.overlap
         self._started: dict = {}  # artifact path -> future
         self._late: dict = {}  # token -> None while building, then (artifact path, build error, run future)

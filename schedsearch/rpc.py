@@ -143,7 +143,8 @@ def make_rpc_runner(host: str, port: int, key: str, target, evaluator_config,
     A session running past `session_timeout_sec` is ended by its worker and recorded as an error; a
     worker that answers nothing for twice that (plus slack for queueing) is given up on."""
     from tvm.s_tir import meta_schedule as ms
-    from tvm.support.popen_pool import PopenPoolExecutor
+
+    from .measure import worker_pool
 
     timeout = session_timeout_sec or (10 if target.kind.name == "cuda" else 30)  # as measure.WarmRunner
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
@@ -154,7 +155,7 @@ def make_rpc_runner(host: str, port: int, key: str, target, evaluator_config,
     # RPCRunner's pool waits for ever, so one hung worker would stall the tune: give each job a
     # deadline (the pool kills and replaces the process, the candidate gets "RPCRunner: Timeout").
     inner.pool.shutdown()
-    inner.pool = PopenPoolExecutor(max_workers=workers, timeout=2 * timeout + 10)
+    inner.pool = worker_pool(workers, 2 * timeout + 10)
     return retrying_runner(inner, before_run=lambda: wait_for_workers(config, limit_s=None))
 
 
@@ -203,9 +204,34 @@ def cmd_worker(args) -> int:
         env["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
     print(f"worker for {'GPU ' + str(args.gpu) if args.gpu is not None else 'this host'} registering with "
           f"{args.tracker} under key {args.key!r} (Ctrl-C stops it)", flush=True)
+    try:
+        wait_for_tracker(host, int(port))
+    except KeyboardInterrupt:
+        return 0
     return _run_tvm_program(["tvm.exec.rpc_server", "--tracker", args.tracker, "--key", args.key,
                              "--host", args.host, "--port", str(args.port), "--port-end", str(args.port + 100),
                              *(["--custom-addr", args.address] if args.address else [])], env)
+
+
+TRACKER_WAIT_SAY_S = 60
+
+
+def wait_for_tracker(host: str, port: int, say_every_s: float = TRACKER_WAIT_SAY_S) -> None:
+    """Until the tracker accepts connections, with a line now and then each minute. TVM's server, started
+    first, retried 12 times, printed a thread traceback and stayed alive unregistered for good (issue 23)."""
+    t0, said = time.time(), None
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+            if said is not None:
+                print(f"tracker {host}:{port} is up after {time.time() - t0:.0f} s: registering", flush=True)
+            return
+        except OSError as e:
+            if said is None or time.time() - said >= say_every_s:
+                print(f"no tracker at {host}:{port} yet ({e.strerror or e}): retrying every second "
+                      "(start it with `schedsearch tracker`; Ctrl-C stops this worker)", flush=True)
+                said = time.time()
+        time.sleep(1.0)
 
 
 def _run_tvm_program(module_args: list[str], env: dict | None = None) -> int:

@@ -1,6 +1,8 @@
 """Run one search strategy over a workload's tasks with MetaSchedule's machinery; resume from the run dir."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -17,9 +19,10 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
 
 from . import cost_models, measure
-from .errors import INTERRUPTED, UserError, searching
+from .errors import DISK_FULL, INTERRUPTED, DiskFull, UserError, disk_nearly_full, note_disk_full, searching
 from .frontend import Task
-from .rundir import RunDir
+from .rundir import (RECORDS, RunDir, append_line, drop_cut_tail, file_identity, open_database, repair_database,
+                     write_bytes)
 
 
 @derived_object
@@ -37,24 +40,30 @@ class TrialLog(ms.measure_callback.PyMeasureCallback):
         self.t0 = time.time()
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-        with self.run.trials.open("a") as f:
-            for cand, b, r in zip(measure_candidates, builder_results, runner_results):
-                self.done += 1
-                error = b.error_msg or r.error_msg
-                us, capped = None, False
-                if not error and r.run_secs:
-                    us = 1e6 * sum(float(s) for s in r.run_secs) / len(r.run_secs)
-                    capped = self.capping_runner and measure.is_capped(r.run_secs)
-                    self.best_us = us if self.best_us is None else min(self.best_us, us)
-                else:
-                    self.errors += 1
-                f.write(json.dumps({
-                    "task": self.task.name, "trial": self.done, "strategy": self.strategy,
-                    "latency_us": us, "best_us": self.best_us, "capped": capped,
-                    "error": _short_error(error) if error else None,
-                    **({"origin": self.origin_of(cand)} if self.origin_of else {}),
-                    "elapsed_s": round(time.time() - self.t0, 3), "started": round(self.t0, 3),
-                }) + "\n")
+        try:
+            self._append(measure_candidates, builder_results, runner_results)
+        except OSError as e:  # raised into TVM's C++ it would come back as a RuntimeError traceback
+            if not note_disk_full(e):
+                raise
+
+    def _append(self, measure_candidates, builder_results, runner_results):
+        for cand, b, r in zip(measure_candidates, builder_results, runner_results):
+            self.done += 1
+            error = b.error_msg or r.error_msg
+            us, capped = None, False
+            if not error and r.run_secs:
+                us = 1e6 * sum(float(s) for s in r.run_secs) / len(r.run_secs)
+                capped = self.capping_runner and measure.is_capped(r.run_secs)
+                self.best_us = us if self.best_us is None else min(self.best_us, us)
+            else:
+                self.errors += 1
+            append_line(self.run.trials, json.dumps({
+                "task": self.task.name, "trial": self.done, "strategy": self.strategy,
+                "latency_us": us, "best_us": self.best_us, "capped": capped,
+                "error": _short_error(error) if error else None,
+                **({"origin": self.origin_of(cand)} if self.origin_of else {}),
+                "elapsed_s": round(time.time() - self.t0, 3), "started": round(self.t0, 3),
+            }))
         self.write_best()
         progress(self.label, self.done, self.budget, self.best_us, self.errors)
 
@@ -62,7 +71,7 @@ class TrialLog(ms.measure_callback.PyMeasureCallback):
         if self.best_us is None:
             self.best_file.unlink(missing_ok=True)
         else:
-            self.best_file.write_text(repr(self.best_us * 1e-6))
+            write_bytes(self.best_file, repr(self.best_us * 1e-6).encode())
 
 
 @derived_object
@@ -72,10 +81,11 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
     measure.WarmBuilder, measure.WarmRunner), plus the deferred ones measured since. `finish()`, after
     the search, waits for the last of them."""
 
-    def __init__(self, take_late, callbacks: list, strategy, cost_model, ctx):
+    def __init__(self, take_late, callbacks: list, strategy, cost_model, ctx, records_file: Path):
         super().__init__()
         self.take_late, self.strategy, self.cost_model, self.ctx = take_late, strategy, cost_model, ctx
-        self.callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(), *callbacks]
+        self.add, self.remove = ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact()
+        self.callbacks, self.records_file = callbacks, records_file
         self.waiting: dict = {}  # token -> MeasureCandidate
         self.scheduler = None
 
@@ -84,6 +94,8 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
         now = []
         for row in zip(measure_candidates, builder_results, runner_results):
             token = measure.deferred_token(row[1].error_msg or row[2].error_msg)
+            if interrupted_candidate(row[1].error_msg or row[2].error_msg):
+                continue  # not a measurement: not recorded, so a resumed search may measure it again
             if token is None:
                 now.append(row)
             else:
@@ -96,6 +108,10 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
 
     def _late(self, wait: bool) -> list:
         late = [(t, b, r) for t, b, r in (self.take_late(wait) if self.take_late else []) if t in self.waiting]
+        for t, b, r in late:
+            if interrupted_candidate(b.error_msg or r.error_msg):
+                self.waiting.pop(t)
+        late = [(t, b, r) for t, b, r in late if t in self.waiting]
         if late and hasattr(self.strategy, "notify_late_results"):
             self.strategy.notify_late_results([t for t, _, _ in late], [r for _, _, r in late])
         return [(self.waiting.pop(t), b, r) for t, b, r in late]
@@ -105,6 +121,18 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
             return
         t0 = time.time()
         cands, builds, runs = map(list, zip(*rows))
+        self.remove.apply(*self.scheduler, cands, builds, runs)
+        if DISK_FULL:  # nothing more is written: what is there stays whole
+            return
+        size = self.records_file.stat().st_size if self.records_file.exists() else 0
+        self.add.apply(*self.scheduler, cands, builds, runs)  # a line each; on a full disk TVM cuts one silently
+        kept = whole_lines_since(self.records_file, size)
+        if kept < len(rows):
+            note_disk_full(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), self.records_file)
+            rows = rows[:kept]  # the trial log and the cost model get what the database holds
+            if not rows:
+                return
+            cands, builds, runs = map(list, zip(*rows))
         for callback in self.callbacks:
             callback.apply(*self.scheduler, cands, builds, runs)
         t1 = time.time()
@@ -116,6 +144,28 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
         # Part of the time between a round's build and the next round's candidates, for tune.log.
         logging.getLogger("schedsearch.ms").info("recorded %d results in %.1f s, cost model updated in %.1f s",
                                                  len(rows), t1 - t0, time.time() - t1)
+
+
+# What a candidate's worker process reports when it was killed rather than when the kernel failed: popen_pool's
+# ChildProcessError, as the builder (measure.WarmBuilder._outcome) and runner (WarmRunner.result) word it.
+WORKER_KILLED = "Subprocess terminated"
+
+
+def interrupted_candidate(error_msg) -> bool:
+    """A candidate whose worker died while the user was stopping the search (Ctrl-C reaches the whole
+    process group): an interruption, not a measured failure."""
+    return INTERRUPTED.is_set() and error_msg is not None and WORKER_KILLED in str(error_msg)
+
+
+def whole_lines_since(path: Path, size: int) -> int:
+    """Lines appended to `path` past byte `size`; a cut last line (a full disk) is cut off again."""
+    with open(path, "rb+") as f:
+        f.seek(size)
+        added = f.read()
+        whole = added[:added.rfind(b"\n") + 1]
+        if len(whole) < len(added):
+            f.truncate(size + len(whole))
+    return whole.count(b"\n")
 
 
 def _short_error(msg: str) -> str:
@@ -159,8 +209,11 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     `cost_model_warmup`: measurements before XGBoost's predictions replace random ones (stock: 100)."""
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
+    DISK_FULL.clear()
     _log_to_file(run.log)
-    database = ms.database.JSONDatabase(work_dir=str(run.database))
+    database = open_database(run.database)
+    drop_cut_tail(run.trials)
+    import_tensor_intrinsics()
     best_file = run.root / "best_s.txt"  # the running task's best, for the runner's cap
     capping_runner = runner is None if capping_runner is None else capping_runner
     measure.share_best_file(best_file)
@@ -192,12 +245,14 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
             if isinstance(strategy, str):
                 strategy = ms.search_strategy.SearchStrategy.create(strategy)
             log.origin_of = getattr(strategy, "origin_of", None)
-            stoppable = Stoppable(strategy, lambda: INTERRUPTED.is_set() or (stop is not None and stop()))
+            stoppable = Stoppable(strategy, lambda: INTERRUPTED.is_set() or bool(DISK_FULL)
+                                  or (stop is not None and stop()))
             ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
                                  search_strategy=stoppable, task_name=task.name,
                                  num_threads=len(os.sched_getaffinity(0)), rand_state=seed + i,
                                  logger=logging.getLogger("schedsearch.ms"))
-            results = LateResults(getattr(runner, "take_late", None), [log], stoppable, cost_model, ctx)
+            results = LateResults(getattr(runner, "take_late", None), [log], stoppable, cost_model, ctx,
+                                  run.database / RECORDS)
             with searching():
                 ms.tune_tasks(tasks=[ctx], task_weights=[float(task.weight)], work_dir=str(run.root),
                               max_trials_global=remaining, max_trials_per_task=remaining,
@@ -205,6 +260,8 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
                               database=database, cost_model=cost_model, measure_callbacks=[results],
                               task_scheduler="round-robin")
                 results.finish()
+            if DISK_FULL:
+                raise DISK_FULL[0]
             if INTERRUPTED.is_set():
                 raise KeyboardInterrupt
             if getattr(strategy, "error", None) is not None:
@@ -219,6 +276,39 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     finally:  # pools left to the GC can deadlock (TVM's PopenPoolExecutor says so)
         for x in owned:
             x.close()
+        if mine[0]:  # our builder's candidates still on disk (deferred builds of an interrupted search)
+            measure.remove_candidate_dirs(only_pid=os.getpid())
+
+
+def import_tensor_intrinsics() -> None:
+    """`tvm.s_tir.tensor_intrin`, which TuneContext imports, parses ~250 TVMScript kernels, and each
+    `@T.prim_func` calls inspect.stack(), which reads the source of every frame on the stack and, for
+    the import machinery's frames (no file), scans all of sys.modules. TVMScript reads the source line of
+    frame 2 only (is_defined_in_class) and the locals of the others (closure variables): with a stack
+    that reads only the first 3 frames' source, the import took 11 s instead of 31-62 s (CPU box, 2 busy
+    cores, after torch's import)."""
+    import inspect
+
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+
+    def stack(context=1):
+        frames, frame = [], sys._getframe(1)
+        while frame is not None:
+            if len(frames) < 3:
+                info = inspect.getframeinfo(frame, context)
+                frames.append(inspect.FrameInfo(frame, *info, positions=info.positions))
+            else:
+                frames.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno,
+                                                frame.f_code.co_name, None, None, positions=None))
+            frame = frame.f_back
+        return frames
+
+    real, inspect.stack = inspect.stack, stack
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = real
 
 
 @derived_object
@@ -253,9 +343,23 @@ class Stoppable(ms.search_strategy.PySearchStrategy):
         return Stoppable(self.inner.clone(), self.stop)
 
 
+class RunLog(logging.FileHandler):
+    """tune.log. On a full disk the search is told to stop (errors.note_disk_full) and nothing more is
+    written, instead of logging's traceback for each line that follows (21 of them in issue 23)."""
+
+    def emit(self, record) -> None:
+        if not DISK_FULL:
+            super().emit(record)
+
+    def handleError(self, record) -> None:  # noqa: N802  logging's name
+        e = sys.exc_info()[1]
+        if not (isinstance(e, OSError) and note_disk_full(e, self.baseFilename)):
+            super().handleError(record)
+
+
 def _log_to_file(path: Path) -> None:
     """MetaSchedule logs every round to the console; keep that in the run dir instead."""
-    handler = logging.FileHandler(path)
+    handler = RunLog(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     for name in ("tvm.s_tir.meta_schedule", "schedsearch.ms"):
         logger = logging.getLogger(name)
@@ -269,19 +373,34 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
                   strategy_options: dict | None = None, cost_model: str | Path | None = None,
                   runner_spec: str = "local") -> dict:
     """The whole job: tasks -> search -> compile -> validate -> time -> run dir. Returns results.json's data.
-    `cost_model`: --cost-model's none | auto | DIR | FILE (cost_models.start)."""
-    from . import frontend, rpc, strategies, target as targets
-    from .evaluate import evaluate
-    from .rundir import SCHEMA, write_json
-    from .runtime import CompiledModule
+    `cost_model`: --cost-model's none | auto | DIR | FILE (cost_models.start).
+    One process at a time per run dir (RunDir.locked)."""
+    from . import rpc
 
     rpc_at = rpc.parse_runner_spec(runner_spec)  # a bad spec fails before any work
     model_start = cost_models.start(cost_model, target)
     t0 = time.time()
     run.create()
+    with run.locked(), disk_full_means(run.root):
+        return _tune_locked(workload, target, run, strategy, trials, seed, validation_seeds, repeats, command,
+                            strategy_options, model_start, runner_spec, rpc_at, t0)
+
+
+def _tune_locked(workload, target, run: RunDir, strategy, trials, seed, validation_seeds, repeats, command,
+                 strategy_options, model_start, runner_spec, rpc_at, t0) -> dict:
+    from . import frontend, rpc, strategies
+
     _check_same_run(run, workload_sha256=workload.sha256, size=workload.size, target=str(target), strategy=strategy)
+    repair_database(run.database)  # a damaged database is refused before any work
+    empty = [f"{n} {tuple(shape)}" for n, (shape, _) in zip(workload.input_names, workload.input_specs) if 0 in shape]
+    if empty:
+        raise UserError(f"{workload.name}: input {', '.join(empty)} has no elements: there is nothing to tune "
+                        "(check the sizes, or --input-shape)")
     mod = frontend.import_onnx(frontend.export_onnx(workload, run.onnx), workload.shapes())
     tasks = frontend.extract_tasks(mod, target)
+    if not tasks:
+        raise UserError(f"{workload.name}: the model has no kernels to tune (TVM computes it without one, e.g. it "
+                        "returns an input or a constant)")
     _check_same_run(run, tasks={t.name: str(tvm_ffi.structural_hash(t.mod)) for t in tasks})
     earlier_s = search_seconds(run.read_trials())  # a resumed run: what earlier invocations spent searching
     factory = strategies.make(strategy, run=run, target=target, seed=seed, **(strategy_options or {}))
@@ -291,10 +410,43 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
                      cost_model=model_start, capping_runner=True,
                      cost_model_warmup=getattr(factory, "cost_model_warmup", 100))
     tuning_s = time.time() - t0 + earlier_s
+    t0 -= earlier_s  # total_wall_s counts the earlier invocations' search too: never less than tuning_wall_s
 
-    database = ms.database.JSONDatabase(work_dir=str(run.database))
-    executable = frontend.compile_module(mod, target, database)
-    executable.export_library(str(run.module))
+    return _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy, trials, seed,
+                                   validation_seeds, repeats, command, strategy_options, runner_spec, factory,
+                                   model_start, tuning_s, t0)
+
+
+@contextlib.contextmanager
+def disk_full_means(directory: Path):
+    """A tool's failure on a full disk (the linker writing module.so says only its command line) is reported
+    as the full disk it is."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        if isinstance(e, OSError) and note_disk_full(e):
+            raise DISK_FULL[-1] from None
+        if "No space left on device" in str(e) or disk_nearly_full(directory):
+            raise DiskFull(directory) from None
+        raise
+
+
+def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy, trials, seed, validation_seeds,
+                            repeats, command, strategy_options, runner_spec, factory, model_start, tuning_s,
+                            t0) -> dict:
+    from . import frontend, target as targets
+    from .evaluate import evaluate
+    from .rundir import SCHEMA, write_json
+    from .runtime import CompiledModule
+
+    executable = frontend.compile_module(mod, target, open_database(run.database))
+    # The module and the results that vouch for it are one unit: the new module waits beside the old one
+    # until it is validated, results.json names its sha256, and export refuses a module.so it does not name
+    # (a kill between the two renames below leaves exactly that).
+    staged = run.root / ".module.staged.so"
+    executable.export_library(str(staged))
     module = CompiledModule(executable, targets.torch_device(target))
     measured = evaluate(workload, module, seeds=validation_seeds, repeats=repeats)
 
@@ -311,15 +463,18 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
         "cost_model": model_start.record(),
         "tasks": [task_summary(t, by_task.get(t.name, [])) for t in tasks],
         **measured,
+        "module": file_identity(staged),
         "tuning_wall_s": round(tuning_s, 1),  # over every invocation, when resumed
-        "total_wall_s": round(time.time() - t0, 1),
+        "total_wall_s": round(time.time() - t0, 1),  # this invocation, plus earlier ones' search
     }
     if strategy_options:
         results["strategy_options"] = {k: v for k, v in strategy_options.items() if k != "client"}
     if hasattr(factory, "stats"):
         results["search"] = factory.stats()
+    os.replace(staged, run.module)
     write_json(run.results, results)
     return results
+
 
 
 def search_seconds(trials: list[dict]) -> float:
@@ -362,7 +517,11 @@ def _check_same_run(run: RunDir, **key) -> None:
     """Resuming into a run dir made for other inputs would mix their databases and trial counts."""
     from .rundir import write_json
 
-    old = json.loads(run.config.read_text()) if run.config.exists() else {}
+    try:
+        old = json.loads(run.config.read_text()) if run.config.exists() else {}
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{run.config} is damaged (not JSON), so this run dir's workload cannot be checked: "
+                        "delete that file to have it written again, or choose another -o") from None
     diff = [k for k in key if k in old and old[k] != key[k]]
     if diff == ["tasks"]:
         raise UserError(f"{run.root}: the workload's kernels changed since this run was made (another TVM or "
