@@ -4,6 +4,9 @@
 # $OUT/compare.tar.xz (less modules and ONNX files). A fresh machine resumes from .gpu/compare.tar.xz, the
 # last call's pack carried back. The device tool returns at most 8 files.
 #   DEADLINE=540 bash benchmarks/gpu_compare.sh DIR WORKLOAD.py... [compare options]
+# The checkout travels with .devdeps (~62 MiB) under the tool's 64 MiB: on 2026-12-01 that held only with
+# schedules/ and docs/reports/ moved out of the working tree for the calls (nothing there is needed on the
+# GPU), and the bundle's site.tar.xz as packed (libtvm_ffi_testing.so in it is imported by tvm_ffi.core).
 set -uo pipefail
 source .devdeps/activate.sh
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
