@@ -401,9 +401,10 @@ def cmd_run(args) -> int:
 
     if args.check:
         measured = check(args.dist, seeds=args.seeds, repeats=args.repeats)
+        from .validate import verdict
+
         v, tm = measured["validation"], measured["timing"]
-        verdict = "PASSED" if v["passed"] else f"FAILED ({v['failed']} of {v['checks']} checks)"
-        print(f"validation: {verdict}: {v['checks']} checks (seeds {v['seeds']}, {', '.join(v['distributions'])}), "
+        print(f"validation: {verdict(v)}: {v['checks']} checks (seeds {v['seeds']}, {', '.join(v['distributions'])}), "
               f"max abs {v['max_abs']:.2e}, max rel {v['max_rel']:.2e}, normwise {v['rel_l2']:.2e}, "
               f"tolerance {v['tolerance']:g}")
         for f in v["failures"]:

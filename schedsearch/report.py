@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 
 from . import timing
+from .validate import verdict
 
 
 def fmt_us(us: float | None) -> str:
@@ -30,7 +31,6 @@ def summary_table(results: dict) -> str:
     tasks = table(["task", "weight", "trials", "errors", "best"],
                   [[t["name"], t["weight"], t["trials"], t["errors"], fmt_us(t["best_us"])] for t in results["tasks"]])
     v, tm = results["validation"], results["timing"]
-    verdict = "PASSED" if v["passed"] else f"FAILED ({v['failed']} of {v['checks']} checks)"
     rows = [["TVM tuned", fmt_us(tm["tvm"]["median_us"]), f"{fmt_us(tm['tvm']['p10_us'])} .. {fmt_us(tm['tvm']['p90_us'])}"]]
     if "torch_eager" in tm:
         e = tm["torch_eager"]
@@ -39,7 +39,7 @@ def summary_table(results: dict) -> str:
     lines = [tasks, "", end, ""]
     if "speedup_vs_eager" in tm:
         lines.append(f"speedup vs PyTorch eager: {tm['speedup_vs_eager']:.2f}x")
-    lines.append(f"validation: {verdict}: {v['checks']} checks (seeds {v['seeds']}, {', '.join(v['distributions'])}), "
+    lines.append(f"validation: {verdict(v)}: {v['checks']} checks (seeds {v['seeds']}, {', '.join(v['distributions'])}), "
                  f"max abs {v['max_abs']:.2e}, max rel {v['max_rel']:.2e}, tolerance {v['tolerance']:g}")
     lines.append(f"device: {results['device']['name']}; tuning {results['tuning_wall_s']:.0f} s")
     return "\n".join(lines)
