@@ -37,6 +37,10 @@ def summary_table(results: dict) -> str:
         rows.append(["PyTorch eager", fmt_us(e["median_us"]), f"{fmt_us(e['p10_us'])} .. {fmt_us(e['p90_us'])}"])
     end = table(["end to end", "median", "p10 .. p90"], rows)
     lines = [tasks, "", end, ""]
+    failed_rounds = results.get("search", {}).get("failed_rounds")
+    if failed_rounds:
+        lines.append(f"LLM: in {len(failed_rounds)} round(s) every program request failed, so no program came back "
+                     f"(last: {failed_rounds[-1]['error']}); the requests are in transcript.jsonl")
     if "speedup_vs_eager" in tm:
         lines.append(f"speedup vs PyTorch eager: {tm['speedup_vs_eager']:.2f}x")
     lines.append(f"validation: {verdict(v)}: {v['checks']} checks (seeds {v['seeds']}, {', '.join(v['distributions'])}), "

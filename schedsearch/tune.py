@@ -283,26 +283,35 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
     from .evaluate import evaluate
     from .rundir import SCHEMA, write_json
     from .runtime import CompiledModule
+    from .validate import DISTRIBUTIONS
 
     rpc_at = rpc.parse_runner_spec(runner_spec)  # a bad spec fails before any work
     t0 = time.time()
     run.create()
     _check_same_run(run, workload_sha256=workload.sha256, size=workload.size, target=str(target), strategy=strategy)
+    # Before the export and import (minutes on a big model): an unreachable LLM endpoint fails at once.
+    factory = strategies.make(strategy, run=run, target=target, seed=seed, **(strategy_options or {}))
+    # Nothing else is printed until the first trial is measured: say what the time goes to.
+    say = lambda text: print(f"[{time.time() - t0:4.0f} s] {text}", file=sys.stderr, flush=True)
+    say("exporting the workload to ONNX (torch.export), importing it into TVM, extracting its kernels")
     mod = frontend.import_onnx(frontend.export_onnx(workload, run.onnx), workload.shapes())
     tasks = frontend.extract_tasks(mod, target)
     _check_same_run(run, tasks={t.name: str(tvm_ffi.structural_hash(t.mod)) for t in tasks})
+    say(f"{len(tasks)} task(s): {', '.join(t.name for t in tasks)}; searching")
     earlier_s = search_seconds(run.read_trials())  # a resumed run: what earlier invocations spent searching
-    factory = strategies.make(strategy, run=run, target=target, seed=seed, **(strategy_options or {}))
     measure.share_best_file(run.root / "best_s.txt")  # before the RPC runner starts its processes
     runner = None if rpc_at is None else rpc.make_rpc_runner(*rpc_at, target, measure.evaluator_config(target))
     by_task = search(tasks, target, run, strategy, factory, trials, seed, runner=runner,
                      cost_model_file=cost_model_file, capping_runner=True)
     tuning_s = time.time() - t0 + earlier_s
 
+    say("compiling the module with the best schedules")
     database = ms.database.JSONDatabase(work_dir=str(run.database))
     executable = frontend.compile_module(mod, target, database)
     executable.export_library(str(run.module))
     module = CompiledModule(executable, targets.torch_device(target))
+    say(f"validating ({validation_seeds} seeds x {len(DISTRIBUTIONS)} input distributions) and timing against "
+        "PyTorch eager")
     measured = evaluate(workload, module, seeds=validation_seeds, repeats=repeats)
 
     results = {

@@ -277,6 +277,7 @@ def make_proposal_strategy(name: str, target, seed: int = 0, run=None, **options
             out["mean_round_s_besides_measurement"] = sum(r["total_s"] for r in rounds) / len(rounds)
         if hasattr(proposer_for, "client"):
             out["llm"] = proposer_for.client.usage()
+            out["failed_rounds"] = [r for s in searches for r in s.proposer.failed_rounds]
         return out
 
     factory.stats = stats
