@@ -199,6 +199,10 @@ def read_manifest(root: str | Path) -> dict:
     if not root.is_dir():
         raise UserError(f"{root}: no such directory")
     if not (root / MANIFEST).is_file():
+        if RunDir(root).results.is_file():
+            dist = Path("dist") / root.resolve().name  # export's default
+            raise UserError(f"{root} is a run directory of `schedsearch tune`, not an exported module: export it "
+                            f"with `schedsearch export {root} -o {dist}`, then `schedsearch run {dist}`")
         raise UserError(f"{root} is not an exported module: no {MANIFEST} "
                         f"(make one with `schedsearch export RUN_DIR -o {root}` or `schedsearch build`)")
     try:

@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import sys
+import tarfile
 import time
 import warnings
 from pathlib import Path
@@ -149,10 +150,11 @@ StrategyFactory = Callable[[Task], "ms.search_strategy.SearchStrategy | str"]
 def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_name: str,
            make_strategy: StrategyFactory, trials: int, seed: int = 0,
            runner: ms.runner.Runner | None = None, builder: ms.builder.Builder | None = None,
-           cost_model_file: Path | None = None, capping_runner: bool | None = None,
+           cost_model: "ms.cost_model.XGBModel | None" = None, capping_runner: bool | None = None,
            stop: Callable[[], bool] | None = None) -> dict[str, dict]:
     """Give each task `trials` hardware measurements in total (earlier runs in `run` count).
     `runner`/`builder`: where candidates are measured/built (default: measure.py's, on this machine);
+    `cost_model`: the XGBoost model to start from and train (load_cost_model; default a fresh one);
     `capping_runner`: whether `runner` measures with measure.run_evaluator_capped (ours do);
     `stop`: asked before each round; True ends the search there (Ctrl-C does too, then raises)."""
     if trials < 1:
@@ -170,15 +172,7 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     try:
         if hasattr(builder, "start_workers"):  # while the search prepares its first round
             builder.start_workers()
-        # XGBoost on one thread: with many, an update stalls whenever some cores are busy (deferred builds, the
-        # runner). H100 host, 16 cores, 2 kept busy, 64 matmul records an update: 8.9-11.5 s with 16 threads,
-        # 0.21-0.28 s with 1, the same predictions to the bit; idle, 0.2 s either way (docs/results.md).
-        cost_model = ms.cost_model.XGBModel(adaptive_training=True, num_tuning_cores=1)
-        if cost_model_file is not None:  # a model trained elsewhere (same device): a warm start for every task
-            if not Path(cost_model_file).is_file():
-                raise UserError(f"cost model file not found: {cost_model_file}")
-            with quiet_xgboost_file_format():
-                cost_model.load(str(cost_model_file))
+        cost_model = cost_model or load_cost_model(None)
         previous = trials_done(run)
         for i, task in enumerate(tasks):
             done = len(previous.get(task.name, []))
@@ -220,6 +214,31 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
     finally:  # pools left to the GC can deadlock (TVM's PopenPoolExecutor says so)
         for x in owned:
             x.close()
+
+
+def load_cost_model(path: Path | None) -> "ms.cost_model.XGBModel":
+    """A fresh XGBoost cost model, or one trained elsewhere (a run's cost_model.tar, same device): a warm
+    start for every task. A file that is not such a model is the user's error, in one line."""
+    # XGBoost on one thread: with many, an update stalls whenever some cores are busy (deferred builds, the
+    # runner). H100 host, 16 cores, 2 kept busy, 64 matmul records an update: 8.9-11.5 s with 16 threads,
+    # 0.21-0.28 s with 1, the same predictions to the bit; idle, 0.2 s either way (docs/results.md).
+    cost_model = ms.cost_model.XGBModel(adaptive_training=True, num_tuning_cores=1)
+    if path is None:
+        return cost_model
+    if Path(path).is_dir():
+        raise UserError(f"--cost-model {path} is a directory: give a run's cost_model.tar")
+    if not Path(path).is_file():
+        raise UserError(f"cost model file not found: {path}")
+    if not tarfile.is_tarfile(path):
+        raise UserError(f"--cost-model {path}: not a tar archive (give a run's cost_model.tar)")
+    try:
+        with quiet_xgboost_file_format():
+            cost_model.load(str(path))
+    except Exception as e:  # TVM's loader raises RuntimeError for anything (a tar of other files, a bad booster)
+        lines = [l for l in str(e).strip().splitlines() if l.strip()]
+        raise UserError(f"--cost-model {path}: not a cost model saved by `schedsearch tune` "
+                        f"({lines[-1].strip() if lines else type(e).__name__})") from e
+    return cost_model
 
 
 @contextlib.contextmanager
@@ -289,7 +308,9 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
     t0 = time.time()
     run.create()
     _check_same_run(run, workload_sha256=workload.sha256, size=workload.size, target=str(target), strategy=strategy)
-    # Before the export and import (minutes on a big model): an unreachable LLM endpoint fails at once.
+    # Before the export and import (minutes on a big model): a bad cost model file or an unreachable LLM
+    # endpoint fails at once.
+    cost_model = load_cost_model(cost_model_file)
     factory = strategies.make(strategy, run=run, target=target, seed=seed, **(strategy_options or {}))
     # Nothing else is printed until the first trial is measured: say what the time goes to.
     say = lambda text: print(f"[{time.time() - t0:4.0f} s] {text}", file=sys.stderr, flush=True)
@@ -302,7 +323,7 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
     measure.share_best_file(run.root / "best_s.txt")  # before the RPC runner starts its processes
     runner = None if rpc_at is None else rpc.make_rpc_runner(*rpc_at, target, measure.evaluator_config(target))
     by_task = search(tasks, target, run, strategy, factory, trials, seed, runner=runner,
-                     cost_model_file=cost_model_file, capping_runner=True)
+                     cost_model=cost_model, capping_runner=True)
     tuning_s = time.time() - t0 + earlier_s
 
     say("compiling the module with the best schedules")

@@ -76,6 +76,8 @@ class Workload:
 
 def load(path: str | Path, size: str = "default", input_shapes: dict[str, tuple[int, ...]] | None = None) -> Workload:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory: expected a KernelBench .py problem file or an .onnx file")
     if not path.is_file():
         raise UserError(f"workload file not found: {path}")
     if path.suffix == ".onnx":
