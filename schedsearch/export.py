@@ -401,7 +401,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .report import fmt_us
+    from .report import fmt_us, speedup_text
 
     if args.check:
         measured = check(args.dist, seeds=args.seeds, repeats=args.repeats)
@@ -417,7 +417,6 @@ def cmd_run(args) -> int:
         v, tm = None, time_only(args.dist, repeats=args.repeats)
     line = f"TVM median {fmt_us(tm['tvm']['median_us'])}"
     if "torch_eager" in tm:
-        eager = tm["torch_eager"]["median_us"]
-        line += f", PyTorch eager {fmt_us(eager)}, speedup {eager / tm['tvm']['median_us']:.2f}x"
+        line += f", PyTorch eager {fmt_us(tm['torch_eager']['median_us'])}; {speedup_text(tm)}"
     print(line)
     return 0 if v is None or v["passed"] else 1

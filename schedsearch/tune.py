@@ -1,6 +1,7 @@
 """Run one search strategy over a workload's tasks with MetaSchedule's machinery; resume from the run dir."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -373,9 +374,10 @@ def task_summary(task: Task, trials: list[dict]) -> dict:
         if r["latency_us"] is not None and (best is None or r["latency_us"] < best):
             best = r["latency_us"]
             curve.append([r["trial"], best])
+    causes = collections.Counter(r["error"] for r in trials if r["error"] is not None)
     return {"name": task.name, "weight": task.weight, "flops": task.flops, "bytes": param_bytes(task.mod),
-            "trials": len(trials), "errors": sum(r["error"] is not None for r in trials), "best_us": best,
-            "curve": curve}
+            "trials": len(trials), "errors": sum(causes.values()), "error_causes": causes.most_common(),
+            "best_us": best, "curve": curve}
 
 
 def param_bytes(mod: tvm.IRModule) -> int:
