@@ -107,8 +107,9 @@ def compare(outputs: list[torch.Tensor], refs: list[torch.Tensor],
     product of normal inputs (outputs ~64) ~1e-3 off the exact value, whatever the summation order.
 
     `refs` in float64 with `fp32_refs` (PyTorch's own fp32 result): an element passes when it is within
-    tolerance of either, and the normwise test takes the nearer one, so matching PyTorch passes. Being no
-    farther from the exact value than PyTorch fp32 passes too: where the above fails, the errors are compared
+    tolerance of either, and the normwise test takes the nearer one, so matching PyTorch passes, as does
+    being nearer the exact value than PyTorch's fp32 result (LayerNorm on mean-1e3 rows of 4M elements).
+    Being no farther from it than PyTorch fp32 passes too: where the above fails, the errors are compared
     with NOISE_FACTOR x the largest error of PyTorch fp32 (its run and `fp32_reruns()`, the program on
     nudged inputs): per element with its largest element error, normwise with its largest normwise error.
     An output at fp32 noise level (PyTorch fp32 itself >= 100% off normwise: the mean of a group-normalised
@@ -150,7 +151,7 @@ def compare(outputs: list[torch.Tensor], refs: list[torch.Tensor],
         if fp32_refs is not None:
             r32 = fp32_refs[i].double()[finite]
             diff32 = (o - r32).abs()
-            over &= diff32 > atol + tol * r32.abs()
+            over &= ~(diff32 <= atol + tol * r32.abs())  # where PyTorch fp32 is NaN/Inf, float64 alone decides
             normwise = min(l2, float(diff32.norm() / r32.norm().clamp_min(1e-30)))
             at_noise_level = float((r32 - r).norm() / mag.norm().clamp_min(1e-30)) >= 1
             normwise_ok = normwise <= tol or (at_noise_level and _rms(o - r) <= atol)
