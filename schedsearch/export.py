@@ -38,9 +38,12 @@ def export_run(run_dir: str | Path, dist_dir: str | Path) -> dict:
         res = run.read_results()
     except (ValueError, KeyError) as e:
         raise UserError(str(e)) from e
-    if not res["validation"]["passed"]:
+    if not res["validation"]["passed"] and res["validation"]["failed"]:
         raise UserError(f"{run.root}: the module FAILED validation when it was tuned ({res['validation']['failed']} "
                         f"of {res['validation']['checks']} checks): it computes something else, not exporting it")
+    if not res["validation"]["passed"]:
+        raise UserError(f"{run.root}: no validation check could be made when it was tuned (the reference was NaN/Inf "
+                        "everywhere: declare the inputs' domains with INPUT_DOMAINS and tune again): not exporting it")
     wl = res["workload"]
     source = _checked_source(Path(wl["path"]), wl["sha256"], f"the workload recorded in {run.results}")
     inputs = wl["inputs"]

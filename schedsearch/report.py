@@ -43,7 +43,7 @@ def summary_table(results: dict) -> str:
     lines += ["", end, BEST_VS_END_TO_END, ""]
     failed_rounds = results.get("search", {}).get("failed_rounds")
     if failed_rounds:
-        lines.append(f"LLM: in {len(failed_rounds)} round(s) every program request failed, so no program came back "
+        lines.append(f"LLM: {len(failed_rounds)} round(s) got no program back, their requests failed "
                      f"(last: {failed_rounds[-1]['error']}); the requests are in transcript.jsonl")
     if "speedup_vs_eager" in tm:
         lines.append(speedup_text(tm))

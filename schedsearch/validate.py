@@ -222,7 +222,7 @@ def summary(checks: list[Check]) -> dict:
         "checks": len(checks),
         "failed": len(failed),
         "not_checkable": [{"seed": c.seed, "distribution": c.distribution} for c in checks if not c.checkable],
-        "not_compared": sum(c.not_compared for c in checks),  # values whose reference is NaN/Inf
+        "not_compared": sum(c.not_compared for c in checked),  # values of checked outputs whose reference is NaN/Inf
         "max_abs": max(c.max_abs for c in checks),
         "max_rel": max(c.max_rel for c in checks),
         "rel_l2": max(c.rel_l2 for c in checks),
@@ -250,4 +250,6 @@ def verdict(summary: dict) -> str:
         where = ", ".join(sorted({c["distribution"] for c in skipped}))
         text += (f"; {len(skipped)} of {summary['checks']} checks not checkable ({where}: the reference is NaN/Inf "
                  "on every value; declare the inputs' domains with INPUT_DOMAINS)")
+    if summary.get("not_compared"):
+        text += f"; {summary['not_compared']} values not compared, their reference NaN/Inf"
     return text

@@ -269,4 +269,4 @@ def test_a_round_whose_requests_all_fail_is_reported(programs, tmp_path, capsys,
     assert [r["round"] for r in failed] == [2, 3, 4] and all(r["failed"] == r["requests"] == 1 for r in failed)
     assert all("APIConnectionError" in r["error"] for r in failed)
     assert "LLM round 2: 1 of 1 requests failed, no program came back (last: APIConnectionError" in captured.err
-    assert "LLM: in 3 round(s) every program request failed" in captured.out
+    assert "LLM: 3 round(s) got no program back, their requests failed (last: APIConnectionError" in captured.out

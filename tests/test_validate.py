@@ -137,6 +137,14 @@ def test_a_nan_reference_is_not_checkable_and_declared_domains_make_it_checkable
     assert all((x > 0).all() for d in DISTRIBUTIONS for x in make_inputs(declared, 0, d, "cpu"))
 
 
+def test_values_whose_reference_is_nan_are_not_compared_and_counted():
+    ref = torch.tensor([float("nan"), 1.0, float("inf"), 2.0], dtype=torch.float64)
+    check = compare([torch.tensor([0.0, 1.0, 5.0, 2.0])], [ref])
+    assert check.passed and check.checkable and check.not_compared == 2
+    assert not compare([torch.tensor([0.0, 1.5, 5.0, 2.0])], [ref]).passed  # the finite ones still count
+    assert "2 values not compared, their reference NaN/Inf" in verdict(summary([check]))
+
+
 def test_bad_input_domains_are_refused(write_problem):
     with pytest.raises(UserError, match="INPUT_DOMAINS: unknown domain 'probability'"):
         workload.load(write_problem(KLDIV + "INPUT_DOMAINS = ['probability', 'positive']\n"))
