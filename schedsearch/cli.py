@@ -173,7 +173,8 @@ def cmd_tune(args) -> int:
                             cost_model=args.cost_model, runner_spec=args.runner)
     print(summary_table(results))
     if not results["validation"]["passed"]:
-        print(f"schedsearch: error: VALIDATION FAILED for {wl.name}: see {run.results}", file=sys.stderr)
+        what = "VALIDATION FAILED" if results["validation"]["failed"] else "NOT VALIDATED: no check could be made"
+        print(f"schedsearch: error: {what} for {wl.name}: see {run.results}", file=sys.stderr)
         return 1
     return 0
 

@@ -143,6 +143,13 @@ def start(spec: str | Path | None, target: tvm.target.Target) -> Start:
     if not tarfile.is_tarfile(path):
         raise UserError(f"--cost-model {path}: not a tar archive (a run's cost_model.tar) "
                         f"nor a directory with {MANIFEST_FILE}")
+    try:  # here, before any work: a tar of something else fails in TVM's loader with a RuntimeError
+        with quiet_xgboost_file_format():
+            new_model().load(str(path))
+    except Exception as e:
+        lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+        raise UserError(f"--cost-model {path}: not a cost model saved by `schedsearch tune` "
+                        f"({lines[-1] if lines else type(e).__name__})") from e
     return Start(spec, "run", str(path))
 
 

@@ -36,14 +36,20 @@ def export_run(run_dir: str | Path, dist_dir: str | Path) -> dict:
     for path, why in ((run.results, "tune writes it at the end"), (run.module, "the compiled module")):
         if not path.is_file():
             raise UserError(f"{run.root} is not a finished run directory: no {path.name} ({why})")
-    res = run.read_results()
+    try:
+        res = run.read_results()
+    except (ValueError, KeyError) as e:
+        raise UserError(str(e)) from e
     vouched = res.get("module")  # None in runs made before results.json named its module
     if vouched is not None and file_identity(run.module) != vouched:
         raise UserError(f"{run.module} is not the module {run.results.name} validated (its size or sha256 differs: "
                         "a tune was stopped between writing the two): run the same tune command again, then export")
-    if not res["validation"]["passed"]:
+    if not res["validation"]["passed"] and res["validation"]["failed"]:
         raise UserError(f"{run.root}: the module FAILED validation when it was tuned ({res['validation']['failed']} "
                         f"of {res['validation']['checks']} checks): it computes something else, not exporting it")
+    if not res["validation"]["passed"]:
+        raise UserError(f"{run.root}: no validation check could be made when it was tuned (the reference was NaN/Inf "
+                        "everywhere: declare the inputs' domains with INPUT_DOMAINS and tune again): not exporting it")
     wl = res["workload"]
     source = _checked_source(Path(wl["path"]), wl["sha256"], f"the workload recorded in {run.results}")
     inputs = wl["inputs"]
@@ -230,6 +236,10 @@ def read_manifest(root: str | Path) -> dict:
     if not root.is_dir():
         raise UserError(f"{root}: no such directory")
     if not (root / MANIFEST).is_file():
+        if RunDir(root).results.is_file():
+            dist = Path("dist") / root.resolve().name  # export's default
+            raise UserError(f"{root} is a run directory of `schedsearch tune`, not an exported module: export it "
+                            f"with `schedsearch export {root} -o {dist}`, then `schedsearch run {dist}`")
         raise UserError(f"{root} is not an exported module: no {MANIFEST} "
                         f"(make one with `schedsearch export RUN_DIR -o {root}` or `schedsearch build`)")
     try:
@@ -464,13 +474,14 @@ def cmd_build(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .report import fmt_us
+    from .report import fmt_us, speedup_text
 
     if args.check:
         measured = check(args.dist, seeds=args.seeds, repeats=args.repeats)
+        from .validate import verdict
+
         v, tm = measured["validation"], measured["timing"]
-        verdict = "PASSED" if v["passed"] else f"FAILED ({v['failed']} of {v['checks']} checks)"
-        print(f"validation: {verdict}: {v['checks']} checks (seeds {v['seeds']}, {', '.join(v['distributions'])}), "
+        print(f"validation: {verdict(v)}: {v['checks']} checks (seeds {v['seeds']}, {', '.join(v['distributions'])}), "
               f"max abs {v['max_abs']:.2e}, max rel {v['max_rel']:.2e}, normwise {v['rel_l2']:.2e}, "
               f"tolerance {v['tolerance']:g}")
         for f in v["failures"]:
@@ -479,7 +490,6 @@ def cmd_run(args) -> int:
         v, tm = None, time_only(args.dist, repeats=args.repeats)
     line = f"TVM median {fmt_us(tm['tvm']['median_us'])}"
     if "torch_eager" in tm:
-        eager = tm["torch_eager"]["median_us"]
-        line += f", PyTorch eager {fmt_us(eager)}, speedup {eager / tm['tvm']['median_us']:.2f}x"
+        line += f", PyTorch eager {fmt_us(tm['torch_eager']['median_us'])}; {speedup_text(tm)}"
     print(line)
     return 0 if v is None or v["passed"] else 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +45,18 @@ def export_onnx(workload: Workload, path: Path) -> Path:
             torch.onnx.export(workload.model.cpu(), inputs, str(path), dynamo=True, opset_version=18,
                               input_names=workload.input_names, external_data=True)
     except Exception as e:
-        msg = str(e).strip().splitlines()
-        raise UserError(f"ONNX export of {workload.name} failed: {msg[-1] if msg else type(e).__name__}") from e
+        raise UserError(f"ONNX export of {workload.name} failed: {root_cause(e)}") from e
     return path
+
+
+def root_cause(e: BaseException) -> str:
+    """The first line of the exception at the bottom of the chain: torch.onnx's own message ends with
+    "(Refer to the full stack trace above for more information.)", the cause ("Constant hidden is mutated
+    in the forward method. Pls register it as buffer") is the exception it was raised from."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = [l.strip() for l in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if l.strip()]
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
 
 
 def import_onnx(onnx_path: Path, shapes: dict[str, list[int]] | None = None) -> tvm.IRModule:

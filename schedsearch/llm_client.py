@@ -30,6 +30,7 @@ NO_ENDPOINT = ("no LLM endpoint configured: set OPENAI_BASE_URL (and OPENAI_API_
 RETRY_STATUSES = {408, 409, 425, 429} | set(range(500, 600))
 FATAL_STATUSES = {401, 403, 404}  # wrong key / model / URL: every request would fail the same way
 MAX_SLEEP_S = 60.0
+PROBE_TIMEOUT_S = 10.0  # GET /models at start: an address that drops packets must not hang a run for minutes
 
 
 class LLMError(UserError):
@@ -210,20 +211,35 @@ class OpenAIClient(LLMClient):
         self._openai = openai
         # max_retries=0: our retry loop is the only one, so every retry is counted and logged
         self._api = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=0)
-        self.base_url = base_url
+        self.base_url, self.timeout_s = base_url, timeout_s
         self.max_retries, self.backoff_s = max_retries, backoff_s
-        model = model or os.environ.get("OPENAI_MODEL") or (self._served_model() if base_url else None)
+        model = model or os.environ.get("OPENAI_MODEL")
+        if base_url:  # an unreachable endpoint fails here, in seconds, not after the workload's export and import
+            served = self._served_models(needed=not model)
+            model = model or (served[0] if served else None)
         if not model:
             raise LLMError("no LLM model: pass --llm-model (or set OPENAI_MODEL)")
         super().__init__(model, transcript, **common)
 
-    def _served_model(self) -> str | None:
-        """A local server (vLLM, llama.cpp...) usually serves one model: use it when none is named."""
-        try:
-            ids = [m.id for m in self._api.models.list().data]
-        except self._openai.OpenAIError as e:
-            raise LLMError(f"could not list models at {self.base_url} ({e}); pass --llm-model") from e
-        return ids[0] if ids else None
+    def _served_models(self, needed: bool) -> list[str]:
+        """The endpoint's models (a local server, vLLM, llama.cpp..., usually serves one: used when none is
+        named), asked with retries on connection errors, which are fatal in the end. An HTTP error is fatal
+        only when a model is `needed`: some OpenAI-compatible endpoints have no /models."""
+        api = self._api.with_options(timeout=min(self.timeout_s, PROBE_TIMEOUT_S))
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return [m.id for m in api.models.list().data]
+            except self._openai.APIConnectionError as e:  # includes APITimeoutError
+                if attempt > self.max_retries:
+                    raise LLMError(f"cannot reach the LLM endpoint at {self.base_url}: {type(e).__name__}: {e} "
+                                   f"({attempt} attempts)") from e
+                time.sleep(min(MAX_SLEEP_S, self._backoff_s(attempt)))
+            except self._openai.OpenAIError as e:
+                if needed:
+                    raise LLMError(f"could not list models at {self.base_url} ({e}); pass --llm-model") from e
+                return []
 
     def _complete_one(self, request: Request) -> Response:
         digest, start = self.prompt_hash(request), time.monotonic()

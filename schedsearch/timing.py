@@ -55,3 +55,21 @@ def summarize(samples_us: list[float]) -> dict:
 def spread(stats: dict) -> float:
     """Relative run-to-run spread (p90 - p10) / median: speedups inside it are noise."""
     return (stats["p90_us"] - stats["p10_us"]) / stats["median_us"]
+
+
+
+# Above this spread a timing's calls are bimodal (some stalled), not one latency: no ratio is drawn from it.
+# PyTorch eager, softmax 8x256 on the 2-core CPU box while other processes ran: spreads of 106-308% with its
+# 2 intra-op threads (medians 4.0-8.6 ms, p10 0.14-1.3 ms), 34-37% with 1 thread (medians 106-110 us).
+MAX_SPREAD = 1.0
+
+
+def ratio_is_noise(a: dict, b: dict, names: tuple[str, str]) -> str | None:
+    """Why the ratio of two timings' medians would be noise (a spread above MAX_SPREAD, or p10..p90 ranges
+    that overlap), or None when it is not."""
+    for name, stats in zip(names, (a, b)):
+        if spread(stats) > MAX_SPREAD:
+            return f"{name}'s p10..p90 spread is {100 * spread(stats):.0f}% of its median"
+    if not (a["p90_us"] < b["p10_us"] or b["p90_us"] < a["p10_us"]):
+        return "the p10..p90 ranges overlap"
+    return None

@@ -1,6 +1,7 @@
 """Run one search strategy over a workload's tasks with MetaSchedule's machinery; resume from the run dir."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
@@ -396,14 +397,19 @@ def _tune_locked(workload, target, run: RunDir, strategy, trials, seed, validati
     if empty:
         raise UserError(f"{workload.name}: input {', '.join(empty)} has no elements: there is nothing to tune "
                         "(check the sizes, or --input-shape)")
+    # Before the export and import (minutes on a big model): an unreachable LLM endpoint fails at once.
+    factory = strategies.make(strategy, run=run, target=target, seed=seed, **(strategy_options or {}))
+    # Nothing else is printed until the first trial is measured: say what the time goes to.
+    say = lambda text: print(f"[{time.time() - t0:4.0f} s] {text}", file=sys.stderr, flush=True)
+    say("exporting the workload to ONNX (torch.export), importing it into TVM, extracting its kernels")
     mod = frontend.import_onnx(frontend.export_onnx(workload, run.onnx), workload.shapes())
     tasks = frontend.extract_tasks(mod, target)
     if not tasks:
         raise UserError(f"{workload.name}: the model has no kernels to tune (TVM computes it without one, e.g. it "
                         "returns an input or a constant)")
     _check_same_run(run, tasks={t.name: str(tvm_ffi.structural_hash(t.mod)) for t in tasks})
+    say(f"{len(tasks)} task(s): {', '.join(t.name for t in tasks)}; searching")
     earlier_s = search_seconds(run.read_trials())  # a resumed run: what earlier invocations spent searching
-    factory = strategies.make(strategy, run=run, target=target, seed=seed, **(strategy_options or {}))
     measure.share_best_file(run.root / "best_s.txt")  # before the RPC runner starts its processes
     runner = None if rpc_at is None else rpc.make_rpc_runner(*rpc_at, target, measure.evaluator_config(target))
     by_task = search(tasks, target, run, strategy, factory, trials, seed, runner=runner,
@@ -440,7 +446,10 @@ def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy
     from .evaluate import evaluate
     from .rundir import SCHEMA, write_json
     from .runtime import CompiledModule
+    from .validate import DISTRIBUTIONS
 
+    say = lambda text: print(f"[{time.time() - t0:4.0f} s] {text}", file=sys.stderr, flush=True)
+    say("compiling the module with the best schedules")
     executable = frontend.compile_module(mod, target, open_database(run.database))
     # The module and the results that vouch for it are one unit: the new module waits beside the old one
     # until it is validated, results.json names its sha256, and export refuses a module.so it does not name
@@ -448,6 +457,8 @@ def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy
     staged = run.root / ".module.staged.so"
     executable.export_library(str(staged))
     module = CompiledModule(executable, targets.torch_device(target))
+    say(f"validating ({validation_seeds} seeds x {len(DISTRIBUTIONS)} input distributions) and timing against "
+        "PyTorch eager")
     measured = evaluate(workload, module, seeds=validation_seeds, repeats=repeats)
 
     results = {
@@ -492,9 +503,10 @@ def task_summary(task: Task, trials: list[dict]) -> dict:
         if r["latency_us"] is not None and (best is None or r["latency_us"] < best):
             best = r["latency_us"]
             curve.append([r["trial"], best])
+    causes = collections.Counter(r["error"] for r in trials if r["error"] is not None)
     out = {"name": task.name, "weight": task.weight, "flops": task.flops, "bytes": param_bytes(task.mod),
-           "trials": len(trials), "errors": sum(r["error"] is not None for r in trials), "best_us": best,
-           "curve": curve}
+           "trials": len(trials), "errors": sum(causes.values()), "error_causes": causes.most_common(),
+           "best_us": best, "curve": curve}
     origins: dict[str, dict] = {}
     for r in trials:
         if r.get("origin"):

@@ -3,6 +3,8 @@
 A KernelBench file defines `Model`, `get_inputs()` and `get_init_inputs()`. Ours may also
 define `SIZES = {"small": {"CONST": value, ...}}`: the loader overrides those module globals
 before calling `get_init_inputs()`/`get_inputs()`, so one file serves CPU tests and real runs.
+It may define `INPUT_DOMAINS = ["positive", "real", ...]`, one per input of get_inputs(): validation then
+draws that input in that domain (validate.DOMAINS), e.g. positive where the program takes its log.
 """
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ class Workload:
     onnx_path: Path | None = None
     input_names: list[str] = field(default_factory=list)
     input_specs: list[tuple[tuple[int, ...], torch.dtype]] = field(default_factory=list)
+    input_domains: list[str] = field(default_factory=list)  # validate.DOMAINS name per input ("real" if undeclared)
+
+    def __post_init__(self):
+        self.input_domains = self.input_domains or ["real"] * len(self.input_specs)
 
     @property
     def sha256(self) -> str:
@@ -70,6 +76,8 @@ class Workload:
 
 def load(path: str | Path, size: str = "default", input_shapes: dict[str, tuple[int, ...]] | None = None) -> Workload:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory: expected a KernelBench .py problem file or an .onnx file")
     if not path.is_file():
         path = _builtin_fallback(path)
     if not path.is_file():
@@ -121,7 +129,22 @@ def _load_kernelbench(path: Path, size: str) -> Workload:
 
     return Workload(path.stem, path, size, make_inputs, model=model,
                     input_names=[f"input{i}" for i in range(len(inputs))],
-                    input_specs=[(tuple(t.shape), t.dtype) for t in inputs])
+                    input_specs=[(tuple(t.shape), t.dtype) for t in inputs],
+                    input_domains=_input_domains(path, getattr(module, "INPUT_DOMAINS", None), len(inputs)))
+
+
+def _input_domains(path: Path, declared, n_inputs: int) -> list[str]:
+    from .validate import DOMAINS
+
+    if declared is None:
+        return ["real"] * n_inputs
+    if not isinstance(declared, (list, tuple)) or len(declared) != n_inputs:
+        raise UserError(f"{path}: INPUT_DOMAINS must be a list with one domain per input of get_inputs() "
+                        f"({n_inputs}), got {declared!r}")
+    unknown = [d for d in declared if d not in DOMAINS]
+    if unknown:
+        raise UserError(f"{path}: INPUT_DOMAINS: unknown domain {unknown[0]!r} (known: {', '.join(DOMAINS)})")
+    return list(declared)
 
 
 _ONNX_DTYPES = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16, 11: torch.float64,

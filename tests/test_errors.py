@@ -29,6 +29,13 @@ def test_missing_file_is_one_line_without_traceback():
      "not supported for frontend ONNX: Det"),
     ("class Model(nn.Module):\n    def forward(self, x): return x\n"
      "def get_inputs(): return [torch.randn(2)]\ndef get_init_inputs(): return []\n", "no size 'small'"),
+    # torch.onnx's own message ends "(Refer to the full stack trace above for more information.)": the cause
+    ("class Model(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+     "        self.hidden = torch.zeros(2, 3)\n    def forward(self, x):\n        self.hidden.add_(x)\n"
+     "        return torch.tanh(self.hidden)\n"
+     "def get_inputs(): return [torch.randn(2, 3)]\ndef get_init_inputs(): return []\n",
+     "ONNX export of problem failed: RuntimeError: Constant hidden is mutated in the forward method. "
+     "Pls register it as buffer"),
 ])
 def test_bad_workload_files(write_problem, tmp_path, capsys, body, message):
     size = ["--size", "small"] if "no size" in message else []
@@ -54,3 +61,40 @@ def test_bad_flags(args, message, capsys, tmp_path):
         rc = e.code
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_directory_as_the_workload(tmp_path, capsys):
+    assert main(["tune", str(tmp_path), "-o", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (f"schedsearch: error: {tmp_path} is a directory: expected a "
+                                               "KernelBench .py problem file or an .onnx file")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"hello", "not a tar archive (a run's cost_model.tar)"),
+    (None, "not a cost model saved by `schedsearch tune` ("),  # a tar archive of something else
+])
+def test_a_cost_model_file_that_is_not_one(tmp_path, capsys, content, message):
+    path = tmp_path / "cost_model.tar"
+    if content is None:
+        import tarfile
+
+        (tmp_path / "notes.txt").write_text("not a model")
+        with tarfile.open(path, "w") as tar:
+            tar.add(tmp_path / "notes.txt", arcname="notes.txt")
+    else:
+        path.write_bytes(content)
+    rc = main(["tune", SOFTMAX, "--size", "small", "--trials", "1", "-o", str(tmp_path / "run"), "--target", "llvm",
+               "--cost-model", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"schedsearch: error: --cost-model {path}: {message}" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "model.onnx").exists()  # refused before the export
+
+
+def test_run_on_a_run_directory_says_to_export_it_elsewhere(tmp_path, capsys):
+    run = tmp_path / "softmax-ansor"
+    run.mkdir()
+    (run / "results.json").write_text("{}")
+    assert main(["run", str(run), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} is a run directory of `schedsearch tune`, not an exported module" in err
+    assert f"schedsearch export {run} -o dist/softmax-ansor`" in err and f"-o {run}`" not in err

@@ -4,6 +4,7 @@ The server's answers are programs written from MetaSchedule design spaces plus d
 mistakes and attacks; nothing here is an LLM's output."""
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,85 @@ def test_a_deferred_candidate_reaches_the_history_as_measured(deferred):
     assert slow.status == "measured" and slow.latency_us == pytest.approx(1000.0)
     assert search.measured == [slow, fast] and not search.rejected and not search.measuring
     assert recorder.statuses == ["measured", "measuring", "measured"]
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_endpoint_is_an_error_not_a_success(tmp_path, capsys, monkeypatch):
+    """Every request fails to connect: the run used to spend minutes, end 'search stopped after 0 trials: no
+    new candidates', validate the untuned module and exit 0. Now it stops before the export."""
+    from schedsearch import llm_client
+
+    monkeypatch.setattr(llm_client, "MAX_SLEEP_S", 0.0)  # retries without their backoff
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    monkeypatch.setenv("OPENAI_BASE_URL", url)
+    monkeypatch.setenv("OPENAI_API_KEY", "x")
+    out = tmp_path / "run"
+    rc = main(["tune", MATMUL, "--size", "small", "--strategy", "llm", "--llm-model", "m", "--trials", "2",
+               "-o", str(out), "--target", "llvm", "--llm-timeout", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert f"schedsearch: error: cannot reach the LLM endpoint at {url}: APIConnectionError" in err
+    assert "(5 attempts)" in err
+    assert not (out / "model.onnx").exists() and not (out / "results.json").exists()
+
+
+def test_no_answer_in_a_whole_run_is_an_error(tmp_path, monkeypatch):
+    """The endpoint lists its models but drops every completion: the first round that gets nothing, with no
+    request answered in the run, ends the search with the cause instead of trying the next rounds."""
+    from schedsearch import llm_client
+    from schedsearch.llm_client import LLMError
+    from schedsearch.strategies.llm import LLMProposer
+    from schedsearch.strategies.proposals import TaskView
+
+    monkeypatch.setattr(llm_client, "MAX_SLEEP_S", 0.0)
+    monkeypatch.setenv("OPENAI_API_KEY", "x")
+    view = TaskView("matmul", "# the kernel", {"kind": "llvm"}, [], [], [], 1, 8, random.Random(0))
+    with FakeOpenAI(lambda request: ("drop",)) as srv:
+        client = llm_client.make_client(f"openai:{srv.base_url}", model="m", transcript=tmp_path / "t.jsonl")
+        proposer = LLMProposer(client, ideas=2, programs_per_idea=2)
+        with pytest.raises(LLMError, match=r"the LLM endpoint gave no answer: all 1 requests of this run failed "
+                                           r"\(last: APIConnectionError: Connection error., after 5 attempts\)"):
+            proposer.propose(view)
+    assert proposer.failed_rounds == [{"task": "matmul", "round": 1, "requests": 1, "failed": 1,
+                                       "error": "APIConnectionError: Connection error.", "attempts": 5}]
+
+
+def test_a_round_whose_requests_all_fail_is_reported(programs, tmp_path, capsys, monkeypatch):
+    """The endpoint answers the first round, then drops every connection: each later round says so on the
+    console and in results.json; what was measured before counts (exit 0)."""
+    from schedsearch import llm_client
+
+    monkeypatch.setattr(llm_client, "MAX_SLEEP_S", 0.0)
+    answered = []
+
+    def script(request):
+        if len(answered) >= 3:  # the first round: one ideas request and two programs
+            return ("drop",)
+        answered.append(1)
+        if "optimisation ideas" in request["messages"][-1]["content"]:
+            return "- tile the loops for cache"
+        return answer(programs[len(answered) - 2])
+
+    out = tmp_path / "run"
+    with FakeOpenAI(script) as srv:
+        monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "test")
+        rc = main(["tune", MATMUL, "--size", "small", "--strategy", "llm", "--llm-model", "fake-model",
+                   "--trials", "4", "-o", str(out), "--target", "llvm", "--llm-ideas", "1",
+                   "--llm-programs-per-idea", "2", "--validation-seeds", "1", "--repeats", "2"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["tasks"][0]["trials"] == 2
+    failed = res["search"]["failed_rounds"]
+    assert [r["round"] for r in failed] == [2, 3, 4] and all(r["failed"] == r["requests"] == 1 for r in failed)
+    assert all("APIConnectionError" in r["error"] for r in failed)
+    assert "LLM round 2: 1 of 1 requests failed, no program came back (last: APIConnectionError" in captured.err
+    assert "LLM: 3 round(s) got no program back, their requests failed (last: APIConnectionError" in captured.out

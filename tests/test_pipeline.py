@@ -144,3 +144,52 @@ def test_a_proposal_round_asks_for_enough_programs_when_few_trials_are_left(tmp_
     [task] = frontend.extract_tasks(frontend.import_onnx(frontend.export_onnx(wl, run.onnx)), target)
     search([task], target, run, "rules", strategies.make("rules", run=run, target=target, seed=0), trials=2)
     assert asked and min(asked) == proposals.MIN_PROPOSALS and len(run.read_trials()) == 2
+
+
+def test_eager_is_timed_in_a_process_of_its_own():
+    """In the process that has run the TVM module, TVM's thread pool disturbs PyTorch: the small softmax took
+    4,806 us there, 628 us in a fresh process. Here this process's model refuses to run: the timing must
+    come from another one."""
+    from schedsearch.evaluate import time_against_eager
+
+    wl = workload.load(SOFTMAX, "small")
+
+    def refuse(*inputs):
+        raise AssertionError("PyTorch eager was timed in the process that ran the module")
+
+    wl.model.forward = refuse
+
+    class Module:
+        device = "cpu"
+
+        def __call__(self, x):
+            return [torch.softmax(x, dim=1)]
+
+    timing = time_against_eager(wl, Module(), repeats=3)
+    assert timing["torch_eager"]["median_us"] > 0 and timing["torch_eager"]["repeats"] == 3
+    assert timing["torch_eager"]["process"] == "its own, without TVM"
+
+
+def stats(median, p10, p90):
+    return {"median_us": median, "p10_us": p10, "p90_us": p90, "min_us": p10, "mean_us": median, "repeats": 20}
+
+
+@pytest.mark.parametrize("eager, shown", [
+    (stats(9900.0, 600.0, 12000.0), "none shown, eager's p10..p90 spread is 115% of its median"),  # issue 22
+    (stats(280.0, 250.0, 310.0), "none shown, the p10..p90 ranges overlap"),
+    (stats(628.0, 600.0, 700.0), "speedup vs PyTorch eager: 2.40x"),
+])
+def test_a_speedup_is_shown_only_when_the_spread_allows_it(eager, shown):
+    from schedsearch.report import summary_table
+
+    results = {"tasks": [{"name": "softmax", "weight": 1, "trials": 64, "errors": 1, "best_us": 24.0,
+                          "error_causes": [["build timed out after 30.0 s", 1]]}],
+               "validation": {"passed": True, "failed": 0, "checks": 12, "seeds": [0, 1, 2], "max_abs": 1e-8,
+                              "max_rel": 1e-7, "tolerance": 1e-4, "distributions": ["normal"]},
+               "timing": {"tvm": stats(262.0, 255.0, 290.0), "torch_eager": eager,
+                          "speedup_vs_eager": eager["median_us"] / 262.0},
+               "device": {"name": "cpu"}, "tuning_wall_s": 100.0}
+    text = summary_table(results)
+    assert shown in text
+    assert "softmax: 1 x build timed out after 30.0 s" in text  # the errors' cause, not only their count
+    assert "best: each kernel alone as the tuner times it" in text

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 
 from .. import schedule_lang
-from ..llm_client import Request, make_client
+from ..llm_client import LLMError, Request, make_client
 from .proposals import Outcome, Proposal, TaskView
 
 SYSTEM = """You are an expert performance engineer who schedules tensor kernels with Apache TVM.
@@ -78,6 +79,7 @@ class LLMProposer:
         self.client, self.ideas, self.per_idea = client, ideas, programs_per_idea
         self.temperature, self.seed = temperature, seed
         self.label = f"llm:{client.model}"
+        self.failed_rounds: list[dict] = []  # rounds in which no program came back because requests failed
 
     def propose(self, view: TaskView) -> list[Proposal]:
         sketch = view.sketches[0] if view.sketches else "(none)"
@@ -91,6 +93,7 @@ class LLMProposer:
             [system, {"role": "user", "content": context + "\n\n" + IDEAS.format(n=self.ideas)}],
             temperature=self.temperature, seed=seed, tag=tag + "|ideas")])
         if ideas_reply.error:
+            self._round_failed(view, [ideas_reply])
             return []
         ideas = parse_ideas(ideas_reply.text or "", self.ideas)
         requests, sources = [], []
@@ -101,10 +104,29 @@ class LLMProposer:
                     temperature=self.temperature, seed=seed + 1 + i * self.per_idea + k, tag=f"{tag}|i{i}|s{k}"))
                 sources.append(f"idea {i + 1} ({idea[:80]}), variation {k + 1}")
         out = []
-        for src, reply in zip(sources, self.client.complete_many(requests)):
+        replies = self.client.complete_many(requests)
+        for src, reply in zip(sources, replies):
             if reply.error is None and reply.text:
                 out.append(Proposal(extract_program(reply.text), src, request=reply.prompt_hash))
+        if not out and any(r.error for r in replies):
+            self._round_failed(view, [ideas_reply, *replies])
         return out
+
+    def _round_failed(self, view: TaskView, replies: list) -> None:
+        """No program came back because requests failed: say so (console, results.json). If no request has
+        succeeded in this run at all, the model cannot be reached: stop, there is nothing to search with."""
+        failed = [r for r in replies if r.error]
+        record = {"task": view.name, "round": view.round, "requests": len(replies), "failed": len(failed),
+                  "error": failed[-1].error, "attempts": failed[-1].attempts}
+        self.failed_rounds.append(record)
+        where = f"; every request is in {self.client.transcript}" if self.client.transcript else ""
+        usage = self.client.usage()
+        if usage["requests"] == usage["failures"]:
+            raise LLMError(f"the LLM endpoint gave no answer: all {usage['requests']} requests of this run failed "
+                           f"(last: {record['error']}, after {record['attempts']} attempts), so nothing was "
+                           f"measured; check --llm / OPENAI_BASE_URL and the endpoint{where}")
+        print(f"[{view.name}] LLM round {view.round}: {len(failed)} of {len(replies)} requests failed, no program "
+              f"came back (last: {record['error']}){where}", file=sys.stderr)
 
     def record(self, outcomes: list[Outcome], proposals: list[Proposal]) -> None:
         for o, p in zip(outcomes, proposals):

@@ -318,6 +318,7 @@ def search_factory(name: str, proposer_for, target_facts: dict, seed: int, clien
             out["phases"] = {s.proposals.context.task_name: s.phases for s in searches}
         if client is not None:
             out["llm"] = client.usage()
+            out["failed_rounds"] = [r for s in inner for r in getattr(s.proposer, "failed_rounds", [])]
         return out
 
     factory.stats = stats
