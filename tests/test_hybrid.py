@@ -170,8 +170,32 @@ def test_hybrid_replay_tunes_and_evolution_mutates_the_llm_program(path, program
     db = ms.database.JSONDatabase(work_dir=str(out / "database"))
     lifted = schedule_lang.fresh_schedule(task_of(path, tmp_path).mod)
     schedule_lang.apply(schedule_lang.parse(program), lifted, lift=True)
+    assert structure(lifted.trace) in [structure(r.trace) for r in db.get_all_tuning_records()]  # as measured
+    # The program's structure joined evolution's design spaces (which kernels evolution then measures is
+    # random: its threads share the sampling; test_evolution_resamples_a_lifted_program shows what it makes).
+    assert "design spaces, 1 of them proposals' structures" in (out / "tune.log").read_text()
+
+
+def test_evolution_resamples_a_lifted_program(tmp_path):
+    """MetaSchedule's EvolutionarySearch, given the lifted program as a design space and its measurement in
+    the database, proposes kernels of the program's structure with other tile sizes."""
+    import tvm_ffi
+
+    task = task_of(MATMUL, tmp_path)
+    target = targets.resolve("llvm")
+    ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply", task_name="t",
+                         num_threads=2, rand_state=1)
+    lifted = schedule_lang.fresh_schedule(task.mod)
+    schedule_lang.apply(schedule_lang.parse(MATMUL_PROGRAM), lifted, lift=True)
+    db = ms.database.MemoryDatabase()
+    db.commit_tuning_record(ms.database.TuningRecord(lifted.trace, db.commit_workload(task.mod), [1e-4], target,
+                                                     ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])))
+    evolution = ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=1)
+    evolution._initialize_with_tune_context(ctx)
+    evolution.pre_tuning(100, 16, [lifted], db, ms.cost_model.RandomModel())
+    candidates = evolution.generate_measure_candidates()
     kinds, decisions = structure(lifted.trace)
-    records = [structure(r.trace) for r in db.get_all_tuning_records()]
-    assert (kinds, decisions) in records  # the program itself, as measured
-    mutants = [d for k, d in records if k == kinds and d != decisions]
-    assert mutants, "evolution measured no kernel of the program's structure with other decisions"
+    made = [structure(c.sch.trace) for c in candidates]
+    assert len(made) >= 8 and all(k == kinds for k, _ in made)
+    assert len({str(d) for _, d in made if d != decisions}) >= 4
+    assert len({tvm_ffi.structural_hash(c.sch.mod) for c in candidates}) == len(candidates)
