@@ -400,15 +400,14 @@ def _tune_locked(workload, target, run: RunDir, strategy, trials, seed, validati
     # Before the export and import (minutes on a big model): an unreachable LLM endpoint fails at once.
     factory = strategies.make(strategy, run=run, target=target, seed=seed, **(strategy_options or {}))
     # Nothing else is printed until the first trial is measured: say what the time goes to.
-    say = lambda text: print(f"[{time.time() - t0:4.0f} s] {text}", file=sys.stderr, flush=True)
-    say("exporting the workload to ONNX (torch.export), importing it into TVM, extracting its kernels")
+    stage(t0, "exporting the workload to ONNX (torch.export), importing it into TVM, extracting its kernels")
     mod = frontend.import_onnx(frontend.export_onnx(workload, run.onnx), workload.shapes())
     tasks = frontend.extract_tasks(mod, target)
     if not tasks:
         raise UserError(f"{workload.name}: the model has no kernels to tune (TVM computes it without one, e.g. it "
                         "returns an input or a constant)")
     _check_same_run(run, tasks={t.name: str(tvm_ffi.structural_hash(t.mod)) for t in tasks})
-    say(f"{len(tasks)} task(s): {', '.join(t.name for t in tasks)}; searching")
+    stage(t0, f"{len(tasks)} task(s): {', '.join(t.name for t in tasks)}; searching")
     earlier_s = search_seconds(run.read_trials())  # a resumed run: what earlier invocations spent searching
     measure.share_best_file(run.root / "best_s.txt")  # before the RPC runner starts its processes
     runner = None if rpc_at is None else rpc.make_rpc_runner(*rpc_at, target, measure.evaluator_config(target))
@@ -448,8 +447,7 @@ def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy
     from .runtime import CompiledModule
     from .validate import DISTRIBUTIONS
 
-    say = lambda text: print(f"[{time.time() - t0:4.0f} s] {text}", file=sys.stderr, flush=True)
-    say("compiling the module with the best schedules")
+    stage(t0, "compiling the module with the best schedules")
     executable = frontend.compile_module(mod, target, open_database(run.database))
     # The module and the results that vouch for it are one unit: the new module waits beside the old one
     # until it is validated, results.json names its sha256, and export refuses a module.so it does not name
@@ -457,8 +455,8 @@ def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy
     staged = run.root / ".module.staged.so"
     executable.export_library(str(staged))
     module = CompiledModule(executable, targets.torch_device(target))
-    say(f"validating ({validation_seeds} seeds x {len(DISTRIBUTIONS)} input distributions) and timing against "
-        "PyTorch eager")
+    stage(t0, f"validating ({validation_seeds} seeds x {len(DISTRIBUTIONS)} input distributions) and timing "
+              "against PyTorch eager")
     measured = evaluate(workload, module, seeds=validation_seeds, repeats=repeats)
 
     results = {
@@ -486,6 +484,11 @@ def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy
     write_json(run.results, results)
     return results
 
+
+
+def stage(t0: float, text: str) -> None:
+    """What a tune is doing, with the seconds since t0: nothing else is printed until the first trial."""
+    print(f"[{time.time() - t0:4.0f} s] {text}", file=sys.stderr, flush=True)
 
 
 def search_seconds(trials: list[dict]) -> float:

@@ -77,6 +77,10 @@ class FirstAnswer:
         for proposer in self.proposers:
             proposer.record(outcomes, proposals)
 
+    @property
+    def failed_rounds(self) -> list[dict]:  # the LLM's rounds whose requests all failed, for results.json
+        return [r for proposer in self.proposers for r in getattr(proposer, "failed_rounds", [])]
+
 
 def _structure(trace) -> str:
     """A schedule's structure: its trace less post-processing and decisions (what re-sampling keeps)."""
