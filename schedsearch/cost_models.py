@@ -29,7 +29,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.cost_model import xgb_model as _xgb
 from tvm.s_tir.schedule import Schedule
 
-from . import target as targets
+from . import records, target as targets
 from .errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent / "cost_models"
@@ -237,7 +237,7 @@ def measured_on(database: Path, device: str | None) -> tuple[str, list[str]]:
 
 def read_workloads(database: Path, task_names: list[str]) -> list[Workload]:
     """Each workload's records, rebuilt as the candidates that were measured, and their features."""
-    db = ms.database.JSONDatabase(work_dir=str(database), allow_missing=False)
+    db = records.load(database, skip_bad=True)  # TVM's JSONDatabase fails on (or corrupts memory with) LLM traces
     order = [json.loads(line)[0] for line in (database / "database_workload.json").read_text().splitlines() if line]
     names = task_names if len(task_names) == len(order) else [f"workload{i}" for i in range(len(order))]
     groups: dict[str, tuple] = {}  # the workloads' structural hash -> (mod, target, candidates, costs)
@@ -251,11 +251,28 @@ def read_workloads(database: Path, task_names: list[str]) -> list[Workload]:
     out = []
     for key, (mod, target, candidates, costs) in groups.items():
         context = ms.TuneContext(mod=mod, target=target, num_threads=len(os.sched_getaffinity(0)))
-        features = [x.numpy().astype("float32") for x in extractor().extract_from(context, candidates)]
-        kept = [i for i, f in enumerate(features) if len(f)]  # XGBModel.update drops records without stores too
+        features = extract_features(context, candidates, database)
+        kept = [i for i, f in enumerate(features) if f is not None and len(f)]  # XGBModel.update drops those too
         out.append(Workload(names[order.index(key)] if key in order else f"workload{len(out)}", str(database), mod,
                             target, [features[i] for i in kept], np.array(costs, "float32")[kept]))
     return out
+
+
+def extract_features(context, candidates: list, database: Path) -> list:
+    """Each candidate's features; None where TVM cannot lower it (the H200 compare's database holds an evolution
+    mutant whose threadIdx.x loops disagree, 512 vs 256: one such record failed the whole batch)."""
+    try:
+        return [x.numpy().astype("float32") for x in extractor().extract_from(context, candidates)]
+    except Exception:  # noqa: BLE001  TVM raises RuntimeError/TVMError; find which ones, keep the rest
+        out = []
+        for candidate in candidates:
+            try:
+                out.append(extractor().extract_from(context, [candidate])[0].numpy().astype("float32"))
+            except Exception as e:  # noqa: BLE001
+                print(f"{database}: a record TVM cannot lower is left out: {str(e).splitlines()[-1][:160]}",
+                      file=sys.stderr)
+                out.append(None)
+        return out
 
 
 def fit(workloads: list[Workload], masks: list[np.ndarray]) -> ms.cost_model.XGBModel:

@@ -27,6 +27,7 @@ The traces are the same, only TVM's side effect is gone.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import tvm
@@ -38,10 +39,11 @@ from .errors import UserError
 WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
 
 
-def load(db_dir: str | Path):
+def load(db_dir: str | Path, skip_bad: bool = False):
     """The records of the JSON database in `db_dir`, in memory (query it like TVM's databases).
 
-    A record whose trace does not re-apply to its workload is refused (UserError, one line)."""
+    A record whose trace does not re-apply to its workload is refused (UserError, one line), or with
+    `skip_bad` left out with that line on stderr (training a cost model needs the others, not that one)."""
     db_dir = Path(db_dir)
     workload_lines = _lines(db_dir / WORKLOADS)
     database = RecordDatabase()
@@ -57,6 +59,10 @@ def load(db_dir: str | Path):
             own = ms.database.Workload.from_json(workload_json)  # a fresh module for the trace to change
             record = ms.database.TuningRecord.from_json(record_json, own)  # re-applies the trace
         except Exception as e:  # TVM raises RuntimeError, ValueError, TypeError, ScheduleError...
+            if skip_bad:
+                print(f"{where}: left out, its schedule does not re-apply to its workload ({_last_line(e)})",
+                      file=sys.stderr)
+                continue
             raise UserError(f"{where}: its schedule does not re-apply to its workload "
                             f"({_last_line(e)}); remove that line to build from the others") from e
         if index not in clean:

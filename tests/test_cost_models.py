@@ -187,3 +187,20 @@ def test_compare_starts_every_arm_from_the_cost_model_asked_for(tmp_path, monkey
             compile_baselines=False, cost_model="auto")
     assert asked == ["auto", "auto"]
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["cost_model"] == "auto"
+
+
+def test_training_leaves_out_records_tvm_cannot_lower_or_reapply(tmp_path, capsys):
+    """Two records of the first H200 hybrid matmul arm: the model's program and an evolution mutant whose
+    threadIdx.x loops disagree (512 vs 256), which failed the whole feature batch; and a third whose trace
+    names a block that does not exist, which failed TVM's database loader for every record."""
+    data = ROOT / "tests/data/h200-matmul-mutant"
+    shutil.copytree(data, tmp_path / "db")
+    records_file = tmp_path / "db/database_tuning_record.json"
+    good = records_file.read_text().splitlines()[0]
+    records_file.write_text(records_file.read_text() + good.replace('"matmul"', '"no_such_block"', 1) + "\n")
+    [w] = cost_models.read_workloads(tmp_path / "db", ["matmul"])
+    assert len(w.features) == 1 and w.features[0].shape[1] == 164
+    assert w.costs[0] == pytest.approx(np.median(json.loads(good)[1][1]))
+    err = capsys.readouterr().err
+    assert "line 3: left out, its schedule does not re-apply" in err
+    assert "a record TVM cannot lower is left out" in err and "threadIdx.x" in err
