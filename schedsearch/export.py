@@ -44,6 +44,8 @@ def export_run(run_dir: str | Path, dist_dir: str | Path) -> dict:
     if vouched is not None and file_identity(run.module) != vouched:
         raise UserError(f"{run.module} is not the module {run.results.name} validated (its size or sha256 differs: "
                         "a tune was stopped between writing the two): run the same tune command again, then export")
+    if res["validation"] is None:
+        raise UserError(f"{run.root} was not validated: {res['not_validated']}")
     if not res["validation"]["passed"] and res["validation"]["failed"]:
         raise UserError(f"{run.root}: the module FAILED validation when it was tuned ({res['validation']['failed']} "
                         f"of {res['validation']['checks']} checks): it computes something else, not exporting it")
@@ -89,6 +91,7 @@ def build(workload_path: str | Path, schedules: str | Path | None, dist_dir: str
 
     wl = workloads.load(workload_path, size, input_shapes)
     target = target if target is not None else targets.resolve("auto")
+    targets.prepare_build(target)
     database_src = _database_dir(Path(schedules)) if schedules is not None else None
     with tempfile.TemporaryDirectory() as tmp:  # the .onnx only lives until its weights are bound
         mod = frontend.import_onnx(frontend.export_onnx(wl, Path(tmp) / "model.onnx"), wl.shapes())

@@ -1,0 +1,91 @@
+"""Tuning for a GPU from a machine without one: CUDA candidates built here with nvcc (CI installs the
+nvidia-cuda-nvcc wheel with the test extra), measured elsewhere through --runner rpc://."""
+import os
+import random
+import re
+import struct
+
+import pytest
+
+from conftest import ROOT
+from schedsearch import report, target as targets
+from schedsearch.cli import main
+
+MATMUL = str(ROOT / "workloads/level1/matmul.py")
+FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)  # a fatbin's header
+EM_CUDA = 190  # the ELF machine of a cubin
+
+needs_nvcc = pytest.mark.skipif(targets._find_nvcc() is None,
+                                reason="nvcc is not installed: pip install 'nvidia-cuda-nvcc>=13,<14' (the test extra)")
+
+
+def _cubins(blob: bytes) -> list[bytes]:
+    """The cubins (CUDA ELF images) inside a fatbin or a shared library that embeds one."""
+    out = []
+    for m in re.finditer(rb"\x7fELF\x02\x01\x01", blob):
+        if struct.unpack_from("<H", blob, m.start() + 18)[0] == EM_CUDA:
+            out.append(blob[m.start():m.start() + 4096])
+    return out
+
+
+@needs_nvcc
+def test_cuda_candidates_of_a_small_matmul_build_here_without_a_gpu(tmp_path):
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.schedule import Schedule, Trace
+
+    from schedsearch import frontend, measure, workload
+    from schedsearch.tune import import_tensor_intrinsics
+
+    target = targets.resolve("cuda", "sm_90a")
+    targets.prepare_build(target)
+    assert target.kind.name == "cuda" and str(target.arch) == "sm_90a"
+    import_tensor_intrinsics()  # the CUDA schedule rules use it
+    wl = workload.load(MATMUL, "small")
+    [task] = frontend.extract_tasks(frontend.import_onnx(frontend.export_onnx(wl, tmp_path / "m.onnx"), wl.shapes()),
+                                    target)
+    ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply", task_name=task.name,
+                         num_threads=1, rand_state=0)
+    spaces, postprocs = ctx.generate_design_space(), list(ctx.space_generator.postprocs)
+    rng, candidates = random.Random(0), []
+    while len(candidates) < 3:  # sampled as evolution's first population is: a space's trace, fresh decisions
+        sch = Schedule(task.mod, seed=rng.randrange(1 << 30), debug_mask=0)
+        Trace(rng.choice(spaces).trace.insts, {}).apply_to_schedule(sch, remove_postproc=True)
+        sch.enter_postproc()
+        if all(post.apply(sch) for post in postprocs):
+            candidates.append(ms.builder.BuilderInput(sch.mod, target))
+
+    builder = measure.WarmBuilder()  # the tune's builder, its workers in processes of their own
+    try:
+        results = builder.build(candidates)
+    finally:
+        builder.close()
+    assert [r.error_msg for r in results] == [None] * 3
+    for r in results:
+        blob = open(r.artifact_path, "rb").read()
+        assert FATBIN_MAGIC in blob, "the candidate holds no compiled CUDA (only source?)"
+        [cubin] = _cubins(blob)[:1]
+        assert cubin  # nvcc's sm_90a machine code, what the RPC worker loads and runs
+    measure.remove_candidate_dirs(only_pid=os.getpid())
+
+
+@pytest.mark.skipif(targets.cuda_visible(), reason="a GPU is visible here")
+@pytest.mark.parametrize("spec", [["--target", "cuda", "--arch", "sm_90a"], ["--target", "cuda"], ["--target", "h200"]])
+def test_a_gpu_target_with_no_gpu_here_and_no_rpc_runner_fails_before_any_work(spec, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["tune", MATMUL, "--size", "small", *spec, "--trials", "2", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    [line] = [l for l in err.splitlines() if l.startswith("schedsearch: error:")]
+    assert "not on this machine" in line or "no CUDA GPU is visible" in line
+    assert "--runner rpc://HOST:PORT/KEY" in line
+    assert not (out / "model.onnx").exists()  # nothing exported, nothing built
+
+
+@pytest.mark.skipif(targets.cuda_visible(), reason="a GPU is visible: the facts of a GPU that is here come from it")
+def test_named_gpus_take_their_facts_from_the_table_not_the_device():
+    for name, facts in targets.GPUS.items():
+        t = targets.resolve(name)
+        assert targets.facts(t) == facts and int(t.attrs["l2_cache_size_bytes"]) == facts["l2_bytes"]
+        assert report.peak_for(facts["name"]) is not None  # the roofline knows it by that name
+    bare = targets.facts(targets.resolve("cuda", "sm_80"))
+    assert bare["arch"] == "sm_80" and bare["name"] == "CUDA sm_80 GPU (not on this machine)"
