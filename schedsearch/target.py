@@ -142,21 +142,24 @@ def prepare_cross_compile() -> None:
     if tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is not None:
         return
     runtime = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
-    lib_dirs = [nvcc.parent.parent / "lib", nvcc.parent.parent / "lib64"]  # libcudart.so.13 of a wheel's toolkit
-    for cudart in sorted(p for d in lib_dirs if d.is_dir() for p in d.glob("libcudart.so.*")):
-        ctypes.CDLL(str(cudart), mode=ctypes.RTLD_GLOBAL)
-        break
-    try:
-        ctypes.CDLL(str(runtime), mode=ctypes.RTLD_GLOBAL)
-    except OSError as e:
-        if "libcuda.so.1" not in str(e):
-            raise UserError(f"cannot load TVM's CUDA runtime {runtime} to build CUDA here: {e}") from None
-        stub = _driver_stub(runtime)
-        ctypes.CDLL(str(stub), mode=ctypes.RTLD_GLOBAL)
-        ctypes.CDLL(str(runtime), mode=ctypes.RTLD_GLOBAL)
-        lib_dirs.insert(0, stub.parent)
+    toolkit_libs = [nvcc.parent.parent / "lib", nvcc.parent.parent / "lib64"]  # a wheel's libcudart.so.13
+    loaded: list[Path] = []  # what the runtime lacked, loaded first; the build workers' loader finds it too
+    while True:
+        try:
+            ctypes.CDLL(str(runtime), mode=ctypes.RTLD_GLOBAL)
+            break
+        except OSError as e:
+            if "libcuda.so.1" in str(e):
+                lib = _driver_stub(runtime)
+            else:
+                lib = next((p for d in toolkit_libs if d.is_dir() for p in sorted(d.glob("libcudart.so.*"))), None)
+                lib = lib if lib is not None and "libcudart.so" in str(e) else None
+            if lib is None or lib in loaded:
+                raise UserError(f"cannot load TVM's CUDA runtime {runtime} to build CUDA here: {e}") from None
+            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+            loaded.append(lib)
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(
-        [str(d) for d in lib_dirs if d.is_dir()] + [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p])
+        [str(p.parent) for p in loaded] + [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p])
     if tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
         raise UserError(f"loaded {runtime}, but TVM still has no CUDA module support: cannot build CUDA here")
 

@@ -19,13 +19,11 @@ needs_nvcc = pytest.mark.skipif(targets._find_nvcc() is None,
                                 reason="nvcc is not installed: pip install 'nvidia-cuda-nvcc>=13,<14' (the test extra)")
 
 
-def _cubins(blob: bytes) -> list[bytes]:
-    """The cubins (CUDA ELF images) inside a fatbin or a shared library that embeds one."""
-    out = []
-    for m in re.finditer(rb"\x7fELF\x02\x01\x01", blob):
-        if struct.unpack_from("<H", blob, m.start() + 18)[0] == EM_CUDA:
-            out.append(blob[m.start():m.start() + 4096])
-    return out
+def _cubin_sms(blob: bytes) -> list[int]:
+    """The SM (90 for sm_90a) of each cubin, a CUDA ELF image, inside a fatbin or a library that embeds one."""
+    return [(struct.unpack_from("<I", blob, m.start() + 48)[0] >> 8) & 0xFF  # e_flags
+            for m in re.finditer(rb"\x7fELF\x02\x01\x01", blob)
+            if struct.unpack_from("<H", blob, m.start() + 18)[0] == EM_CUDA]
 
 
 @needs_nvcc
@@ -47,7 +45,7 @@ def test_cuda_candidates_of_a_small_matmul_build_here_without_a_gpu(tmp_path):
                          num_threads=1, rand_state=0)
     spaces, postprocs = ctx.generate_design_space(), list(ctx.space_generator.postprocs)
     rng, candidates = random.Random(0), []
-    while len(candidates) < 3:  # sampled as evolution's first population is: a space's trace, fresh decisions
+    while len(candidates) < 2:  # sampled as evolution's first population is: a space's trace, fresh decisions
         sch = Schedule(task.mod, seed=rng.randrange(1 << 30), debug_mask=0)
         Trace(rng.choice(spaces).trace.insts, {}).apply_to_schedule(sch, remove_postproc=True)
         sch.enter_postproc()
@@ -59,13 +57,24 @@ def test_cuda_candidates_of_a_small_matmul_build_here_without_a_gpu(tmp_path):
         results = builder.build(candidates)
     finally:
         builder.close()
-    assert [r.error_msg for r in results] == [None] * 3
+    assert [r.error_msg for r in results] == [None] * 2
     for r in results:
         blob = open(r.artifact_path, "rb").read()
         assert FATBIN_MAGIC in blob, "the candidate holds no compiled CUDA (only source?)"
-        [cubin] = _cubins(blob)[:1]
-        assert cubin  # nvcc's sm_90a machine code, what the RPC worker loads and runs
+        assert _cubin_sms(blob) == [90]  # nvcc's sm_90a machine code, what the RPC worker loads and runs
     measure.remove_candidate_dirs(only_pid=os.getpid())
+
+
+@needs_nvcc
+def test_the_whole_module_builds_for_a_gpu_that_is_not_here(tmp_path):
+    """What the tune compiles after its search, and `schedsearch build --target h200`: real CUDA too."""
+    dist, empty = tmp_path / "dist", tmp_path / "database"  # no records: TVM's default GPU schedules
+    empty.mkdir()
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        (empty / name).write_text("")
+    assert main(["build", MATMUL, "--size", "small", "--schedules", str(empty), "--target", "h200", "-o", str(dist)]) == 0
+    blob = (dist / "module.so").read_bytes()
+    assert FATBIN_MAGIC in blob and set(_cubin_sms(blob)) == {90}
 
 
 @pytest.mark.skipif(targets.cuda_visible(), reason="a GPU is visible here")

@@ -64,7 +64,15 @@ def test_once_answers_each_request_file_with_the_endpoints_tokens(tmp_path, monk
         assert srv.requests == []
 
 
-def test_a_waiting_files_tune_is_answered_by_the_bridge(programs, tmp_path):  # noqa: F811
+@pytest.fixture(scope="module")
+def tensor_intrinsics():
+    """What the programs fixture's TuneContext imports, without inspect.stack's minutes (tune.py says why)."""
+    from schedsearch.tune import import_tensor_intrinsics
+
+    import_tensor_intrinsics()
+
+
+def test_a_waiting_files_tune_is_answered_by_the_bridge(tensor_intrinsics, programs, tmp_path):  # noqa: F811
     """The compute node's tune (--llm files:DIR, waiting) and the login node's bridge, two processes sharing DIR."""
     box, out = tmp_path / "box", tmp_path / "run"
     box.mkdir()
