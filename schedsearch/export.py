@@ -44,8 +44,6 @@ def export_run(run_dir: str | Path, dist_dir: str | Path) -> dict:
     if vouched is not None and file_identity(run.module) != vouched:
         raise UserError(f"{run.module} is not the module {run.results.name} validated (its size or sha256 differs: "
                         "a tune was stopped between writing the two): run the same tune command again, then export")
-    if res["validation"] is None:
-        raise UserError(f"{run.root} was not validated: {res['not_validated']}")
     if not res["validation"]["passed"] and res["validation"]["failed"]:
         raise UserError(f"{run.root}: the module FAILED validation when it was tuned ({res['validation']['failed']} "
                         f"of {res['validation']['checks']} checks): it computes something else, not exporting it")

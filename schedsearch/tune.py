@@ -459,11 +459,14 @@ def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy
     # (a kill between the two renames below leaves exactly that).
     staged = run.root / ".module.staged.so"
     executable.export_library(str(staged))
-    if targets.is_gpu(target) and not targets.gpu_here(target):  # tuned through --runner rpc:// from here
-        measured = {"validation": None, "timing": None, "not_validated": (
-            f"no {targets.facts(target)['name']} on this machine to validate and time the module on: on a machine with "
-            f"one, `schedsearch build {workload.path} --size {workload.size} --schedules {run.root} -o DIST` and "
-            "`schedsearch run DIST --check`")}
+    if targets.is_gpu(target) and not targets.gpu_here(target):  # its GPU is a worker's (--runner rpc://)
+        from . import rpc
+        from .evaluate import evaluate_on_worker
+
+        stage(t0, f"validating ({validation_seeds} seeds x {len(DISTRIBUTIONS)} input distributions) and timing on "
+                  f"a worker of {runner_spec}")
+        worker = rpc.WorkerModule(staged, *rpc.parse_runner_spec(runner_spec), target)
+        measured = evaluate_on_worker(workload, worker, seeds=validation_seeds, repeats=repeats)
     else:
         module = CompiledModule(executable, targets.torch_device(target))
         stage(t0, f"validating ({validation_seeds} seeds x {len(DISTRIBUTIONS)} input distributions) and timing "

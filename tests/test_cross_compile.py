@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT
 from schedsearch import report, target as targets
 from schedsearch.cli import main
+from test_rpc import _accepts, _free_port, _wait, cluster  # noqa: F401  (cluster: the fixture)
 
 MATMUL = str(ROOT / "workloads/level1/matmul.py")
 FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)  # a fatbin's header
@@ -98,3 +99,33 @@ def test_named_gpus_take_their_facts_from_the_table_not_the_device():
         assert report.peak_for(facts["name"]) is not None  # the roofline knows it by that name
     bare = targets.facts(targets.resolve("cuda", "sm_80"))
     assert bare["arch"] == "sm_80" and bare["name"] == "CUDA sm_80 GPU (not on this machine)"
+
+
+def test_the_final_validation_and_timing_run_on_a_worker(cluster, tmp_path):
+    """What a tune for a GPU that is not here does after its search, on a CPU worker through a tracker on
+    127.0.0.1 (the module and the worker's device are llvm's here; for a GPU they are CUDA's)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from schedsearch import frontend, workload
+    from schedsearch.evaluate import evaluate_on_worker
+    from schedsearch.rpc import WorkerModule, count_workers
+
+    start, _ = cluster
+    _, tracker_log = start("tracker", "tracker", "--host", "127.0.0.1", "--port", str(_free_port()))
+    _wait(lambda: "tracker listening on" in tracker_log.read_text(), 60, "the tracker's address")
+    port = int(re.search(r"tracker listening on 127\.0\.0\.1:(\d+)", tracker_log.read_text())[1])
+    _wait(lambda: _accepts(port), 60, "the tracker")
+    start("worker", "worker", "--tracker", f"127.0.0.1:{port}", "--key", "gpu", "--host", "127.0.0.1",
+          "--port", str(_free_port()))
+    _wait(lambda: count_workers(ms.runner.RPCConfig("127.0.0.1", port, "gpu", 10))[0] == 1, 90, "the worker")
+
+    target = targets.resolve("llvm")
+    wl = workload.load(MATMUL, "small")
+    mod = frontend.import_onnx(frontend.export_onnx(wl, tmp_path / "m.onnx"), wl.shapes())
+    frontend.compile_module(mod, target, None).export_library(str(tmp_path / "module.so"))
+    measured = evaluate_on_worker(wl, WorkerModule(tmp_path / "module.so", "127.0.0.1", port, "gpu", target),
+                                  seeds=1, repeats=3)
+    v, tm = measured["validation"], measured["timing"]
+    assert v["passed"] and v["checks"] == 4 and v["failed"] == 0
+    assert tm["tvm"]["repeats"] == 3 and tm["tvm"]["median_us"] > 0 and "torch_eager" not in tm
+    assert tm["method"].startswith("on the RPC worker")
