@@ -62,7 +62,7 @@ def resolve(name: str | None = None, arch: str | None = None) -> Target:
         known = GPUS[name]
         if arch and arch != known["arch"]:
             raise UserError(f"--target {name} is {known['arch']}, not {arch}: for another arch use --target cuda --arch {arch}")
-        return _cuda_target(known)
+        return _cuda_target(known, model=known["name"])
     if name == "cuda":
         if cuda_visible():
             return _cuda_target(_device_facts(arch))
@@ -73,12 +73,15 @@ def resolve(name: str | None = None, arch: str | None = None) -> Target:
     raise UserError(f"unknown target {name!r}: use llvm, cuda, {', '.join(GPUS)} or auto")
 
 
-def _cuda_target(f: dict) -> Target:
+def _cuda_target(f: dict, model: str | None = None) -> Target:
+    """`model`: the GPU's name, for a target made for that GPU wherever it is (GPUS); none for the GPU here."""
     config = {"kind": "cuda", "arch": f["arch"], "max_threads_per_block": f["max_threads_per_block"],
               "max_num_threads": f["max_threads_per_block"], "max_shared_memory_per_block": f["shared_memory_per_block"],
               "thread_warp_size": f["warp_size"], "registers_per_block": f["registers_per_block"]}
     if f.get("l2_bytes"):
         config["l2_cache_size_bytes"] = f["l2_bytes"]
+    if model:
+        config["model"] = model
     return Target(config, host={"kind": "llvm"})
 
 
@@ -94,19 +97,16 @@ def _device_facts(arch: str | None = None) -> dict:
 
 
 def _known_gpu(target: Target) -> dict | None:
-    """The GPUS entry `target` was made from (arch and L2 size tell H100 and H200 apart), if any."""
-    l2 = target.attrs.get("l2_cache_size_bytes")
-    return next((f for f in GPUS.values() if f["arch"] == str(target.arch) and l2 is not None
-                 and f["l2_bytes"] == int(l2)), None)
+    """The GPUS entry `target` was made for (its model), if any."""
+    model = target.attrs.get("model")
+    return next((f for f in GPUS.values() if f["name"] == str(model)), None) if model else None
 
 
-def gpu_here(target_or_facts) -> bool:
-    """Whether the GPU a CUDA target (or a GPUS entry) is for is on this machine: one is visible, and it is the
-    named one, where the target names one."""
-    if not cuda_visible():
-        return False
-    known = target_or_facts if isinstance(target_or_facts, dict) else _known_gpu(target_or_facts)
-    return known is None or tvm.cuda(0).device_name == known["name"]
+def gpu_here(target: Target) -> bool:
+    """Whether the GPU a CUDA target is for is on this machine: one is visible, and it is the target's model
+    where the target names one (--target h200)."""
+    model = target.attrs.get("model")
+    return cuda_visible() and (not model or tvm.cuda(0).device_name == str(model))
 
 
 def prepare_build(target: Target) -> None:

@@ -96,6 +96,7 @@ def test_named_gpus_take_their_facts_from_the_table_not_the_device():
     for name, facts in targets.GPUS.items():
         t = targets.resolve(name)
         assert targets.facts(t) == facts and int(t.attrs["l2_cache_size_bytes"]) == facts["l2_bytes"]
+        assert not targets.gpu_here(t)
         assert report.peak_for(facts["name"]) is not None  # the roofline knows it by that name
     bare = targets.facts(targets.resolve("cuda", "sm_80"))
     assert bare["arch"] == "sm_80" and bare["name"] == "CUDA sm_80 GPU (not on this machine)"
