@@ -320,7 +320,7 @@ def facts(target: Target) -> dict:
             return _device_facts(str(target.arch))
         a = target.attrs
         return _known_gpu(target) or {
-            "kind": "cuda", "name": f"CUDA {target.arch} GPU (not on this machine)", "arch": str(target.arch),
+            "kind": "cuda", "name": f"CUDA {target.arch} GPU", "arch": str(target.arch),
             "warp_size": int(a["thread_warp_size"]), "max_threads_per_block": int(a["max_threads_per_block"]),
             "shared_memory_per_block": int(a["max_shared_memory_per_block"]),
             "registers_per_block": int(a["registers_per_block"])}

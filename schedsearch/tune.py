@@ -380,8 +380,8 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
 
     rpc_at = rpc.parse_runner_spec(runner_spec)  # a bad spec fails before any work
     if rpc_at is None and targets.is_gpu(target) and not targets.gpu_here(target):
-        raise UserError(f"--target {targets.facts(target)['name']}: that GPU is not on this machine, so the candidates "
-                        "built here are measured on one elsewhere: give it with --runner rpc://HOST:PORT/KEY "
+        raise UserError(f"no {targets.facts(target)['name']} on this machine: the candidates built here are measured on "
+                        "one elsewhere: give it with --runner rpc://HOST:PORT/KEY "
                         "(see `schedsearch tracker` and `schedsearch worker`)")
     targets.prepare_build(target)
     model_start = cost_models.start(cost_model, target)
