@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import compare, export, rpc
+from . import compare, export, llm_bridge, rpc
 from .errors import INTERRUPTED, INTERRUPTED_MESSAGE, UserError, catch_interrupts, os_error_message
 
 
@@ -40,7 +40,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", help="run directory (default runs/<workload>-<strategy>)")
     t.add_argument("--strategy", default="ansor", help="ansor | rules | llm | hybrid (default ansor)")
     t.add_argument("--trials", type=_positive, default=64, help="hardware measurements per task (default 64)")
-    t.add_argument("--target", default="auto", help="auto | llvm | cuda | 'llvm -mcpu=CPU [-mattr=+F,-G] [-num-cores=N]' (auto: cuda if a GPU is visible, else llvm for this CPU)")
+    t.add_argument("--target", default="auto", help="auto | llvm | cuda | h100 | h200 | 'llvm -mcpu=CPU [-mattr=+F,-G] [-num-cores=N]' (auto: cuda if a GPU is visible, else llvm for this CPU; a GPU not here is built for with nvcc and measured through --runner rpc://)")
+    t.add_argument("--arch", help="CUDA arch to build for, e.g. sm_90a (default: the GPU's here; required for cuda without one)")
     t.add_argument("--size", default="default", help="workload size from its SIZES dict, e.g. small")
     t.add_argument("--input-shape", type=_shape_arg, action="append", default=[],
                    help="NAME=D0,D1,... for an ONNX input with dynamic dimensions (repeatable)")
@@ -53,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
     COMMANDS.update(export.add_commands(sub))
     COMMANDS.update(compare.add_commands(sub))
     COMMANDS.update(rpc.add_commands(sub))
+    COMMANDS.update(llm_bridge.add_commands(sub))
 
     m = sub.add_parser("train-cost-model", help="train the search's XGBoost cost model on measured databases")
     m.add_argument("databases", nargs="+", type=Path,
@@ -163,7 +165,7 @@ def cmd_tune(args) -> int:
     from .tune import tune_workload
 
     wl = workloads.load(args.workload, args.size, dict(args.input_shape))
-    target = targets.resolve(args.target)
+    target = targets.resolve(args.target, args.arch)
     run = RunDir(Path(args.output or f"runs/{wl.name}-{args.strategy}"))
     print(f"tuning {wl.name} ({wl.size}) with {args.strategy} on {target.kind.name} "
           f"({targets.facts(target)['name']}), {args.trials} trials per task -> {run.root}", file=sys.stderr)

@@ -124,6 +124,10 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
         raise UserError(f"two workloads share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): "
                         "their run dirs would collide")
     target = targets.resolve(target_name)
+    if targets.is_gpu(target) and not targets.gpu_here(target):
+        raise UserError(f"--target {target_name}: compare times PyTorch's baselines on the GPU itself, and "
+                        f"{targets.facts(target)['name']} is not on this machine: run it on that GPU's host "
+                        "(`schedsearch tune --runner rpc://...` tunes for it from here)")
     cost_models.start(cost_model, target)  # a bad --cost-model fails before any work (each arm starts its own)
     for wl in loaded:  # refuse a mismatched directory before writing anything into it
         for strategy in strategies:

@@ -30,6 +30,21 @@ def evaluate(workload: Workload, module: CompiledModule, seeds: int = 3, repeats
             "timing": time_against_eager(workload, module, repeats)}
 
 
+def evaluate_on_worker(workload: Workload, module, seeds: int = 3, repeats: int = 20) -> dict:
+    """evaluate() for a module run on an RPC worker (rpc.WorkerModule): the same validation, its references
+    computed here by PyTorch on the CPU; TVM timed on the worker by TVM's evaluator. The worker runs no
+    PyTorch, so eager is not timed: `schedsearch run DIST --check` on that GPU's host times both."""
+    torch_settings()
+    checks = validate.validate(workload, lambda xs: module(*xs), module.device, seeds=seeds)
+    inputs = validate.make_inputs(workload, 0, "normal", module.device)
+    return {"validation": validate.summary(checks), "checks": [c.as_dict() for c in checks],
+            "timing": {"tvm": module.time(inputs, repeats), "method": WORKER_METHOD}}
+
+
+WORKER_METHOD = ("on the RPC worker: TVM's time_evaluator, median of single calls after one warm-up, no cache flush; "
+                 "PyTorch eager not timed (the worker runs no PyTorch)")
+
+
 def time_against_eager(workload: Workload, module: CompiledModule, repeats: int = 20) -> dict:
     """TVM and PyTorch eager on the same inputs, timed the same way (eager in a process of its own)."""
     torch_settings()

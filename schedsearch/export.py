@@ -89,6 +89,7 @@ def build(workload_path: str | Path, schedules: str | Path | None, dist_dir: str
 
     wl = workloads.load(workload_path, size, input_shapes)
     target = target if target is not None else targets.resolve("auto")
+    targets.prepare_build(target)
     database_src = _database_dir(Path(schedules)) if schedules is not None else None
     with tempfile.TemporaryDirectory() as tmp:  # the .onnx only lives until its weights are bound
         mod = frontend.import_onnx(frontend.export_onnx(wl, Path(tmp) / "model.onnx"), wl.shapes())
@@ -439,7 +440,7 @@ def add_commands(sub) -> dict:
     b.add_argument("--schedules", required=True, metavar="DIR", help="a run directory or a MetaSchedule database")
     b.add_argument("-o", "--output", help="dist directory (default dist/<workload>)")
     b.add_argument("--size", default="default", help="workload size from its SIZES dict, e.g. small")
-    b.add_argument("--target", default="auto", help="auto | llvm | cuda | 'llvm -mcpu=CPU [-mattr=+F,-G] [-num-cores=N]' (auto: cuda if a GPU is visible, else llvm for this CPU)")
+    b.add_argument("--target", default="auto", help="auto | llvm | cuda | h100 | h200 | 'llvm -mcpu=CPU [-mattr=+F,-G] [-num-cores=N]' (auto: cuda if a GPU is visible, else llvm for this CPU)")
     b.add_argument("--input-shape", type=_shape_arg, action="append", default=[],
                    help="NAME=D0,D1,... for an ONNX input with dynamic dimensions (repeatable)")
 

@@ -159,6 +159,48 @@ def make_rpc_runner(host: str, port: int, key: str, target, evaluator_config,
     return retrying_runner(inner, before_run=lambda: wait_for_workers(config, limit_s=None))
 
 
+class WorkerModule:
+    """A compiled module (module.so) run on a worker the tracker hands out, for a target whose device is not on
+    this machine: CPU torch tensors in and out, copied to the worker's device and back. An input the kernel
+    modified stays on the worker: the validation's mutation check cannot see it."""
+
+    device = "cpu"  # where the tensors given and returned live
+
+    def __init__(self, path, host: str, port: int, key: str, target):
+        from tvm import relax
+        from tvm.s_tir import meta_schedule as ms
+
+        # The worker ends a session after its timeout: an hour is past any validation (and the tracker's connect).
+        config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=3600)
+        wait_for_workers(config, limit_s=None)
+        self.session = config.connect_server()
+        self.session.upload(str(path))
+        lib = self.session.load_module(os.path.basename(path))
+        self.dev = self.session.cuda(0) if target.kind.name == "cuda" else self.session.cpu(0)
+        # The worker's CPU for the shape functions (VirtualMachine would add this machine's).
+        self.vm = relax.VirtualMachine(lib, [self.dev, self.session.cpu(0)] if target.kind.name == "cuda" else [self.dev])
+
+    def _args(self, inputs) -> list:
+        import tvm
+
+        return [tvm.runtime.tensor(x.detach().cpu().numpy(), device=self.dev) for x in inputs]
+
+    def __call__(self, *inputs) -> list:
+        import torch
+        import tvm_ffi
+
+        out = self.vm["main"](*self._args(inputs))
+        return [torch.from_numpy(o.numpy()) for o in (list(out) if isinstance(out, (tuple, list, tvm_ffi.Array)) else [out])]
+
+    def time(self, inputs, repeats: int) -> dict:
+        """Single calls of the whole module on the worker, after one warm-up (timing.summarize's statistics)."""
+        from .timing import summarize
+
+        self.vm.set_input("main", *self._args(inputs))
+        result = self.vm.time_evaluator("invoke_stateful", self.dev, number=1, repeat=repeats)("main")
+        return summarize([1e6 * s for s in result.results])
+
+
 # ---- command line: `schedsearch tracker` and `schedsearch worker` ----
 
 def add_commands(sub) -> dict:

@@ -376,9 +376,14 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
     """The whole job: tasks -> search -> compile -> validate -> time -> run dir. Returns results.json's data.
     `cost_model`: --cost-model's none | auto | DIR | FILE (cost_models.start).
     One process at a time per run dir (RunDir.locked)."""
-    from . import rpc
+    from . import rpc, target as targets
 
     rpc_at = rpc.parse_runner_spec(runner_spec)  # a bad spec fails before any work
+    if rpc_at is None and targets.is_gpu(target) and not targets.gpu_here(target):
+        raise UserError(f"no {targets.facts(target)['name']} on this machine: the candidates built here are measured on "
+                        "one elsewhere: give it with --runner rpc://HOST:PORT/KEY "
+                        "(see `schedsearch tracker` and `schedsearch worker`)")
+    targets.prepare_build(target)
     model_start = cost_models.start(cost_model, target)
     t0 = time.time()
     run.create()
@@ -454,10 +459,19 @@ def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy
     # (a kill between the two renames below leaves exactly that).
     staged = run.root / ".module.staged.so"
     executable.export_library(str(staged))
-    module = CompiledModule(executable, targets.torch_device(target))
-    stage(t0, f"validating ({validation_seeds} seeds x {len(DISTRIBUTIONS)} input distributions) and timing "
-              "against PyTorch eager")
-    measured = evaluate(workload, module, seeds=validation_seeds, repeats=repeats)
+    if targets.is_gpu(target) and not targets.gpu_here(target):  # its GPU is a worker's (--runner rpc://)
+        from . import rpc
+        from .evaluate import evaluate_on_worker
+
+        stage(t0, f"validating ({validation_seeds} seeds x {len(DISTRIBUTIONS)} input distributions) and timing on "
+                  f"a worker of {runner_spec}")
+        worker = rpc.WorkerModule(staged, *rpc.parse_runner_spec(runner_spec), target)
+        measured = evaluate_on_worker(workload, worker, seeds=validation_seeds, repeats=repeats)
+    else:
+        module = CompiledModule(executable, targets.torch_device(target))
+        stage(t0, f"validating ({validation_seeds} seeds x {len(DISTRIBUTIONS)} input distributions) and timing "
+                  "against PyTorch eager")
+        measured = evaluate(workload, module, seeds=validation_seeds, repeats=repeats)
 
     results = {
         "schema": SCHEMA,
