@@ -31,7 +31,12 @@ def build_kernel(mod, target, _params):
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    from . import shared_memory
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    if (shared_memory.limit(target) or 0) > shared_memory.STATIC_LIMIT:  # the stock limit builds as it did
+        mod = shared_memory.dynamic_where_needed(mod, target)
+    return tvm_build(mod, target=target)
 
 
 PR_SET_PDEATHSIG = 1
@@ -90,6 +95,8 @@ def _import_build_modules() -> None:
     """A build worker's first task, before the first round: the imports build_kernel needs."""
     from tvm.driver import build  # noqa: F401
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # noqa: F401
+
+    from . import shared_memory  # noqa: F401
 
 
 def export_shared_library(rt_mod) -> str:
