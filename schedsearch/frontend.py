@@ -14,8 +14,8 @@ from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.s_tir import meta_schedule as ms
 
-from .errors import UserError
 from . import shared_memory
+from .errors import UserError
 from .legalize import LEGALIZE_MAP
 from .workload import Workload
 

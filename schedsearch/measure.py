@@ -96,7 +96,7 @@ def _import_build_modules() -> None:
     from tvm.driver import build  # noqa: F401
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # noqa: F401
 
-    from . import shared_memory  # noqa: F401
+    from . import shared_memory  # noqa: F401  build_kernel's, past 48 KB
 
 
 def export_shared_library(rt_mod) -> str:

@@ -22,6 +22,7 @@ import tvm
 from tvm.target import Target
 
 from .errors import UserError
+from .target import cuda_visible
 
 STATIC_LIMIT = 48 << 10  # bytes of `__shared__` arrays per block, on every NVIDIA GPU since Volta
 OPTIONS = "stock | max | KB"
@@ -59,21 +60,25 @@ def search_limit(option: str, target: Target, strategy: str) -> int | None:
         raise UserError(f"bad --shared-memory {option!r}: use {OPTIONS}") from None
     if kb < 1:
         raise UserError(f"bad --shared-memory {kb}: expected a positive number of KB")
-    most = device_optin_limit() if tvm.cuda(0).exist else None
+    most = device_optin_limit() if cuda_visible() else None
     if most is not None and kb << 10 > most:
         raise UserError(f"--shared-memory {kb}: this GPU allows at most {most >> 10} KB per block")
     return kb << 10
 
 
 def device_optin_limit() -> int:
-    """The most shared memory a block of GPU 0 may have when its kernel opts in (cudaDevAttrMaxSharedMemoryPerBlockOptin,
-    which TVM does not read): 227 KB on sm_90."""
+    """The most shared memory a block of GPU 0 may have when its kernel opts in: 227 KB on sm_90
+    (cudaDevAttrMaxSharedMemoryPerBlockOptin, which TVM does not read; PyTorch does)."""
     import torch
 
     if not torch.cuda.is_available():
         raise UserError("--shared-memory max reads the GPU's opt-in limit, and no CUDA GPU is visible to "
                         "PyTorch here: give it in KB (227 on an H100/H200)")
-    return int(torch.cuda.get_device_properties(0).shared_memory_per_block_optin)
+    try:
+        return int(torch.cuda.get_device_properties(0).shared_memory_per_block_optin)
+    except AttributeError:  # a PyTorch older than the property
+        raise UserError(f"--shared-memory max: PyTorch {torch.__version__} does not read the GPU's opt-in limit: "
+                        "give it in KB (227 on an H100/H200)") from None
 
 
 # The VerifyGPUCode postproc's own lowering (src/s_tir/meta_schedule/postproc/verify_gpu_code.cc), so the

@@ -445,8 +445,8 @@ def disk_full_means(directory: Path):
 
 
 def _compile_validate_write(workload, target, search_target, run, mod, tasks, by_task, strategy, trials, seed,
-                            validation_seeds, repeats, command, strategy_options, runner_spec, factory, model_start, tuning_s,
-                            t0) -> dict:
+                            validation_seeds, repeats, command, strategy_options, runner_spec, factory, model_start,
+                            tuning_s, t0) -> dict:
     from . import frontend, shared_memory, target as targets
     from .evaluate import evaluate
     from .rundir import SCHEMA, write_json
