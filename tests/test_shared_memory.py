@@ -10,6 +10,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from schedsearch import frontend, measure, shared_memory
 from schedsearch.errors import UserError
+from schedsearch.tune import import_tensor_intrinsics
 
 # An H100/H200 as target.resolve reads it from the device: 48 KB of shared memory per block.
 HOPPER = tvm.target.Target({"kind": "cuda", "arch": "sm_90a", "max_threads_per_block": 1024, "max_num_threads": 1024,
@@ -67,6 +68,7 @@ def test_search_limit_per_strategy():
 
 def test_verify_gpu_code_follows_the_searched_limit():
     """VerifyGPUCode, the postprocessor that refused most conv samples, reads the limit from the search's target."""
+    import_tensor_intrinsics()  # what TuneContext imports, the quick way (it took 603 s on the busy CPU box)
     sch = tiled_matmul(te_matmul(), 128, 64)  # 64 KB
     for target, passes in [(HOPPER, False), (HOPPER_227, True)]:
         verify = ms.postproc.VerifyGPUCode()
