@@ -50,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")
     add_runner_option(t)
     add_cost_model_option(t)
+    add_shared_memory_option(t)
     add_llm_options(t)
     COMMANDS.update(export.add_commands(sub))
     COMMANDS.update(compare.add_commands(sub))
@@ -71,6 +72,13 @@ def parser() -> argparse.ArgumentParser:
 def add_runner_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runner", default="local", metavar="SPEC",
                    help="where candidates are measured: local | rpc://HOST:PORT/KEY (see `schedsearch tracker`)")
+
+
+def add_shared_memory_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shared-memory", default="stock", metavar="stock|max|KB",
+                   help="CUDA: shared memory per block the search allows, for every strategy but ansor (which keeps "
+                        "TVM's): stock (default: what the device reports, 48 KB) | max (the GPU's opt-in limit, 227 KB "
+                        "on an H100/H200; kernels over 48 KB use dynamic shared memory) | KB")
 
 
 def add_cost_model_option(p: argparse.ArgumentParser) -> None:
@@ -172,7 +180,7 @@ def cmd_tune(args) -> int:
     results = tune_workload(wl, target, run, strategy=args.strategy, trials=args.trials, seed=args.seed,
                             validation_seeds=args.validation_seeds, repeats=args.repeats,
                             command=args.command_line, strategy_options=llm_options(args),
-                            cost_model=args.cost_model, runner_spec=args.runner)
+                            cost_model=args.cost_model, runner_spec=args.runner, shared_memory=args.shared_memory)
     print(summary_table(results))
     if not results["validation"]["passed"]:
         what = "VALIDATION FAILED" if results["validation"]["failed"] else "NOT VALIDATED: no check could be made"

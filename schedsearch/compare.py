@@ -27,7 +27,7 @@ COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune"}
 
 def add_commands(sub) -> dict:
     """Adds `compare` and `report` to the CLI's subparsers; returns {command: handler(args) -> exit code}."""
-    from .cli import _positive, add_cost_model_option, add_llm_options, add_runner_option
+    from .cli import _positive, add_cost_model_option, add_llm_options, add_runner_option, add_shared_memory_option
 
     c = sub.add_parser("compare", help="tune workloads with several strategies and seeds at equal budgets, "
                                        "time PyTorch baselines, write a report")
@@ -49,6 +49,7 @@ def add_commands(sub) -> dict:
     _add_peak_options(c)
     add_runner_option(c)
     add_cost_model_option(c)
+    add_shared_memory_option(c)
     add_llm_options(c)
 
     r = sub.add_parser("report", help="rebuild report.md and report.html of a comparison from its stored results")
@@ -76,7 +77,7 @@ def cmd_compare(args) -> int:
                       compile_baselines=not args.no_compile_baselines,
                       peaks={"tflops": args.peak_tflops, "gbs": args.peak_gbs},
                       command=args.command_line, runner_spec=args.runner, parallel=args.parallel,
-                      cost_model=args.cost_model)
+                      cost_model=args.cost_model, shared_memory=args.shared_memory)
     paths = write_report(out)
     print(f"report: {', '.join(map(str, paths))}", file=sys.stderr)
     for arm, error in summary["errors"].items():
@@ -103,11 +104,12 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
             size: str = "default", target_name: str = "auto", validation_seeds: int = 3, repeats: int = 20,
             llm: dict | None = None, hybrid: dict | None = None, arms_from: Path | None = None, compile_baselines: bool = True,
             peaks: dict | None = None, command: list[str] | None = None, runner_spec: str = "local",
-            parallel: int = 1, cost_model: str = "none") -> dict:
+            parallel: int = 1, cost_model: str = "none", shared_memory: str = "stock") -> dict:
     """Runs (or resumes) every arm and the baselines. Returns {"errors": {arm: traceback}, "invalid": [arm],
     "pending": [PendingResponses]}: one arm failing does not stop the others. `cost_model`: where every arm's
-    XGBoost model starts (cost_models.start)."""
+    XGBoost model starts (cost_models.start); `shared_memory`: the arms' but ansor's (tune_workload)."""
     from . import cost_models, strategies as known, target as targets, workload as workloads
+    from .shared_memory import search_limit as shared_memory_limit
     from .llm_client import PendingResponses
 
     unknown = [s for s in strategies if s not in known.NAMES]
@@ -129,6 +131,7 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
                         f"{targets.facts(target)['name']} is not on this machine: run it on that GPU's host "
                         "(`schedsearch tune --runner rpc://...` tunes for it from here)")
     cost_models.start(cost_model, target)  # a bad --cost-model fails before any work (each arm starts its own)
+    shared_memory_limit(shared_memory, target, "hybrid")  # a bad --shared-memory too
     for wl in loaded:  # refuse a mismatched directory before writing anything into it
         for strategy in strategies:
             for seed in range(seeds):
@@ -165,7 +168,7 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
                 "target": target.kind.name, "target_str": str(target), "trials": trials,
                 "validation_seeds": validation_seeds, "repeats": repeats, "llm": llm or {}, "hybrid": hybrid or {},
                 "compile_baselines": compile_baselines, "command": command, "runner_spec": runner_spec,
-                "cost_model": cost_model}
+                "cost_model": cost_model, "shared_memory": shared_memory}
     if parallel > 1:
         outcomes = _run_parallel(jobs, settings, parallel, gpu=targets.is_gpu(target))
     else:
@@ -218,7 +221,8 @@ def _run_job(job: dict, settings: dict, context: dict) -> dict:
                       validation_seeds=settings["validation_seeds"], repeats=settings["repeats"],
                       command=settings["command"],
                       strategy_options=settings.get(strategy) if strategy in ("llm", "hybrid") else None,
-                      runner_spec=settings["runner_spec"], cost_model=settings.get("cost_model"))
+                      runner_spec=settings["runner_spec"], cost_model=settings.get("cost_model"),
+                      shared_memory=settings.get("shared_memory", "stock"))
     except PendingResponses as e:
         return {"label": label, "pending": (e.directory, e.paths)}
     except UserError as e:

@@ -14,6 +14,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.s_tir import meta_schedule as ms
 
+from . import shared_memory
 from .errors import UserError
 from .legalize import LEGALIZE_MAP
 from .workload import Workload
@@ -111,6 +112,7 @@ def compile_module(mod: tvm.IRModule, target: tvm.target.Target, database: ms.da
         if is_gpu:  # kernels without a record: TVM's default GPU schedules
             mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+            mod = shared_memory.dynamic_where_needed(mod, target)  # records searched with more than 48 KB
         return tvm.transform.Sequential(_lower_passes(target))(mod)
 
     with target, database, tvm.transform.PassContext(opt_level=3):

@@ -372,11 +372,13 @@ def _log_to_file(path: Path) -> None:
 def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: str = "ansor", trials: int = 64,
                   seed: int = 0, validation_seeds: int = 3, repeats: int = 20, command: list[str] | None = None,
                   strategy_options: dict | None = None, cost_model: str | Path | None = None,
-                  runner_spec: str = "local") -> dict:
+                  runner_spec: str = "local", shared_memory: str = "stock") -> dict:
     """The whole job: tasks -> search -> compile -> validate -> time -> run dir. Returns results.json's data.
     `cost_model`: --cost-model's none | auto | DIR | FILE (cost_models.start).
+    `shared_memory`: --shared-memory's stock | max | KB, the shared memory per block the search allows on CUDA
+    (shared_memory.search_limit; the ansor arm always searches with the device's stock 48 KB).
     One process at a time per run dir (RunDir.locked)."""
-    from . import rpc, target as targets
+    from . import rpc, shared_memory as smem, target as targets
 
     rpc_at = rpc.parse_runner_spec(runner_spec)  # a bad spec fails before any work
     if rpc_at is None and targets.is_gpu(target) and not targets.gpu_here(target):
@@ -385,18 +387,22 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
                         "(see `schedsearch tracker` and `schedsearch worker`)")
     targets.prepare_build(target)
     model_start = cost_models.start(cost_model, target)
+    smem_bytes = smem.search_limit(shared_memory, target, strategy)
+    search_target = target if smem_bytes == smem.limit(target) else smem.with_limit(target, smem_bytes)
     t0 = time.time()
     run.create()
     with run.locked(), disk_full_means(run.root):
-        return _tune_locked(workload, target, run, strategy, trials, seed, validation_seeds, repeats, command,
-                            strategy_options, model_start, runner_spec, rpc_at, t0)
+        return _tune_locked(workload, target, search_target, run, strategy, trials, seed, validation_seeds, repeats,
+                            command, strategy_options, model_start, runner_spec, rpc_at, t0)
 
 
-def _tune_locked(workload, target, run: RunDir, strategy, trials, seed, validation_seeds, repeats, command,
-                 strategy_options, model_start, runner_spec, rpc_at, t0) -> dict:
-    from . import frontend, rpc, strategies
+def _tune_locked(workload, target, search_target, run: RunDir, strategy, trials, seed, validation_seeds, repeats,
+                 command, strategy_options, model_start, runner_spec, rpc_at, t0) -> dict:
+    from . import frontend, rpc, shared_memory, strategies
 
-    _check_same_run(run, workload_sha256=workload.sha256, size=workload.size, target=str(target), strategy=strategy)
+    smem = {"shared_memory_per_block": shared_memory.limit(search_target)} if target.kind.name == "cuda" else {}
+    _check_same_run(run, workload_sha256=workload.sha256, size=workload.size, target=str(target), strategy=strategy,
+                    **smem)
     repair_database(run.database)  # a damaged database is refused before any work
     empty = [f"{n} {tuple(shape)}" for n, (shape, _) in zip(workload.input_names, workload.input_specs) if 0 in shape]
     if empty:
@@ -416,13 +422,13 @@ def _tune_locked(workload, target, run: RunDir, strategy, trials, seed, validati
     earlier_s = search_seconds(run.read_trials())  # a resumed run: what earlier invocations spent searching
     measure.share_best_file(run.root / "best_s.txt")  # before the RPC runner starts its processes
     runner = None if rpc_at is None else rpc.make_rpc_runner(*rpc_at, target, measure.evaluator_config(target))
-    by_task = search(tasks, target, run, strategy, factory, trials, seed, runner=runner,
+    by_task = search(tasks, search_target, run, strategy, factory, trials, seed, runner=runner,
                      cost_model=model_start, capping_runner=True,
                      cost_model_warmup=getattr(factory, "cost_model_warmup", 100))
     tuning_s = time.time() - t0 + earlier_s
     t0 -= earlier_s  # total_wall_s counts the earlier invocations' search too: never less than tuning_wall_s
 
-    return _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy, trials, seed,
+    return _compile_validate_write(workload, target, search_target, run, mod, tasks, by_task, strategy, trials, seed,
                                    validation_seeds, repeats, command, strategy_options, runner_spec, factory,
                                    model_start, tuning_s, t0)
 
@@ -443,10 +449,10 @@ def disk_full_means(directory: Path):
         raise
 
 
-def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy, trials, seed, validation_seeds,
-                            repeats, command, strategy_options, runner_spec, factory, model_start, tuning_s,
-                            t0) -> dict:
-    from . import frontend, target as targets
+def _compile_validate_write(workload, target, search_target, run, mod, tasks, by_task, strategy, trials, seed,
+                            validation_seeds, repeats, command, strategy_options, runner_spec, factory, model_start,
+                            tuning_s, t0) -> dict:
+    from . import frontend, shared_memory, target as targets
     from .evaluate import evaluate
     from .rundir import SCHEMA, write_json
     from .runtime import CompiledModule
@@ -482,6 +488,8 @@ def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy
                                 for n, (s, d) in zip(workload.input_names, workload.input_specs)]},
         "strategy": strategy, "seed": seed, "trials_per_task": trials, "runner": runner_spec,
         "target": str(target), "device": targets.facts(target), "versions": versions(),
+        # what VerifyGPUCode allowed in the search (--shared-memory); kernels over 48 KB use dynamic shared memory
+        **({"shared_memory_per_block": shared_memory.limit(search_target)} if targets.is_gpu(target) else {}),
         "command": command or sys.argv,
         "cost_model": model_start.record(),
         "tasks": [task_summary(t, by_task.get(t.name, [])) for t in tasks],
