@@ -240,19 +240,29 @@ class HybridSearch(ms.search_strategy.PySearchStrategy):
             self.proposals.add_results(measure_candidates, results, "evolution")
         else:
             self.proposals.notify_runner_results(measure_candidates, results)
-        best = self._best()
-        if best is not None and (self.best_us is None or best < self.best_us * (1 - self.options.min_gain)):
-            self.best_us, self.since_gain = best, 0
-        else:
+        if not self._gained():
             self.since_gain += len(results)
-        self.phases.append({"source": self.in_flight, "trials": len(results), "best_us": best})
+        self.phases.append({"source": self.in_flight, "trials": len(results), "best_us": self._best()})
         if self.in_flight == "evolution" and self.since_gain >= self.options.stall_trials:
             log.info("hybrid: evolution stalled (%d trials without a kernel %.0f%% faster): a proposal round next",
                      self.since_gain, 100 * self.options.min_gain)
             self.next, self.since_gain = "proposals", 0
 
+    def _gained(self) -> bool:
+        best = self._best()
+        if best is not None and (self.best_us is None or best < self.best_us * (1 - self.options.min_gain)):
+            self.best_us, self.since_gain = best, 0
+            return True
+        return False
+
     def notify_late_results(self, tokens, results) -> None:
+        """Deferred candidates of earlier rounds (slow builds: on the H200 matmul all 8 of the model's programs
+        came back after evolution's first round). A gain among them counts; the phase says when it arrived."""
         self.proposals.notify_late_results(tokens, results)
+        if results:
+            self._gained()
+            self.phases.append({"source": "late results", "trials": 0, "results": len(results),
+                                "best_us": self._best()})
 
     def post_tuning(self) -> None:
         self.proposals.post_tuning()
