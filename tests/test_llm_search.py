@@ -175,7 +175,7 @@ def test_files_mode_no_wait_two_exchanges_a_round_none_wasted(programs, tmp_path
     for r in responses:
         assert json.loads((box / f"{r['hash']}.request.json").read_text())["request"]["messages"] == r["messages"]
     last = next(r for r in responses if r["tag"].endswith("|r3|ideas"))["messages"][-1]["content"]
-    assert "re-measured:" in last and "Round 2, every program:" in last and "enter_postproc" not in last
+    assert "re-measured:" in last and "Round 2, each program" in last and "enter_postproc" not in last
 
 
 @pytest.mark.skipif(not os.environ.get("OPENAI_API_KEY") or not (os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_MODEL")),

@@ -15,31 +15,28 @@ from ..llm_client import DEFAULT_TIMEOUT_S, LLMError, Request, make_client
 from .proposals import Outcome, Proposal, TaskView
 
 SYSTEM = """You are an expert performance engineer who schedules tensor kernels with Apache TVM.
-You write schedule programs in a restricted language: one call per line on `sch`, exactly as TVM prints
-schedule traces. Results are assigned to plain names (tuple unpacking allowed); arguments are numbers,
-strings, True/False/None, names bound on earlier lines, and lists of those. Nothing else is accepted:
-no imports, loops, ifs, comprehensions, attribute access, or other functions. Comments are allowed.
+You write schedule programs in a restricted language (below), exactly as TVM prints schedule traces:
+no imports, loops, ifs, comprehensions, attribute access or other functions; comments are allowed.
 Each program starts from the UNSCHEDULED kernel and must be complete on its own.
 Get blocks with sch.get_sblock(name="...", func_name="main") using the block names in the kernel.
 Use sch.sample_perfect_tile(loop=..., n=..., max_innermost_factor=64, decision=[...]) or literal split
-factors whose product equals the loop extent. On CUDA every block must end up bound to blockIdx/threadIdx
-(thread extents within the target limits).
-Loops after rfactor and compute_at: `rf = sch.rfactor(loop=l, factor_axis=0)` puts the new block `rf` under
-new loops (sch.get_loops(block=rf)); the original block keeps its loop handles but for the reduction loops
-other than `l`, which are gone. A block moved by compute_at/reverse_compute_at gets new loops under the
-target loop, one per block iterator in the block's iterator order (an rfactor block's factored iterator
-first); its old loop handles are gone: call sch.get_loops again.
-After each program TVM's post-processors for this target run, as after TVM's own traces: reduction inits
-are split off for you, and `meta_schedule.*` annotations are honoured ({annotations}).
+factors whose product equals the loop extent. On CUDA bind loops to blockIdx/threadIdx within the target's
+limits (a post-processor binds the blocks left unbound, with its own choices).
+Loops: `rf = sch.rfactor(loop=l, factor_axis=0)` puts block rf under new loops (sch.get_loops(block=rf)); the
+original block keeps its loop handles but loses its reduction loops other than l. A block moved by
+compute_at/reverse_compute_at gets new loops, one per block iterator in iterator order (an rfactor block's
+factored iterator first): call sch.get_loops again.
+TVM's post-processors for the target run after every program, as after its own traces: reduction inits are
+split off for you and meta_schedule.* annotations work ({annotations}).
 {tensorize}
 Allowed primitives:
 {catalogue}"""
 
 ANNOTATIONS = {
-    "cuda": 'on the root block "meta_schedule.unroll_explicit" (max unroll steps); on a cache_read block '
-            '"meta_schedule.cooperative_fetch" (vector lanes); unbound blocks are bound for you',
-    "llvm": 'on the root block "meta_schedule.parallel" (max parallel extent), "meta_schedule.vectorize" '
-            '(max vector width), "meta_schedule.unroll_explicit" (max unroll steps)',
+    "cuda": 'root block: "meta_schedule.unroll_explicit" = max unroll steps; cache_read block: '
+            '"meta_schedule.cooperative_fetch" = vector lanes',
+    "llvm": 'root block: "meta_schedule.parallel" = max parallel extent, "meta_schedule.vectorize" = max '
+            'vector width, "meta_schedule.unroll_explicit" = max unroll steps',
 }
 
 CONTEXT = """Kernel `{name}` (TVMScript):
@@ -48,11 +45,14 @@ CONTEXT = """Kernel `{name}` (TVMScript):
 ```
 Target: {target}
 
-A starting point: a design-space sketch from TVM's own rules (its decisions are examples):
+{start}"""
+
+# Until something is measured (then the fastest program is the starting point, and the prompt 1-2k shorter).
+SKETCH = """A starting point: a design-space sketch from TVM's own rules (its decisions are examples):
 ```python
 {sketch}
 ```
-{history}"""
+"""
 
 IDEAS = """Propose {n} distinct optimisation ideas for this kernel on this target, in words, no code:
 e.g. tiling for shared memory or cache, thread binding, vectorized loads, unrolling, cross-thread
@@ -91,32 +91,29 @@ def result_text(o: Outcome) -> str:
 
 
 def history_text(view: TaskView) -> str:
-    """The fastest program in full, the fastest latencies with their rounds, and every program of the last
-    rounds with what became of it (measured, rejected and why, duplicate, ranked out)."""
+    """The fastest program in full, then every program of the last rounds with what became of it (its latency,
+    or rejected and why, duplicate, ranked out), and the fastest of the rounds before."""
     lines = []
     if view.measured:
         best = view.measured[0]
         lines.append(f"Fastest so far: {result_text(best)} ({label(best)}):\n```python\n{best.program}\n```")
-        lines.append("Fastest measured (latency, round and origin): " + "; ".join(
-            f"{result_text(o)} ({label(o)})" for o in view.measured[:8]))
-    by_round: dict[int, list[Outcome]] = {}
-    for o in view.recent:
-        by_round.setdefault(o.round, []).append(o)
-    for r, outcomes in sorted(by_round.items()):
-        lines.append(f"Round {r}, every program:")
-        ideas: list[str] = []
-        others: dict[str, list[Outcome]] = {}  # hybrid's evolution, the database: many, summed up
-        for o in outcomes:
-            if o.idea is None and o.source in ("evolution", "database"):
-                others.setdefault(o.source, []).append(o)
+    rounds = sorted({o.round for o in view.recent})
+    earlier = [o for o in view.measured[:8] if o.round not in rounds]
+    if earlier:
+        lines.append("Fastest of earlier rounds: " + "; ".join(f"{result_text(o)} ({label(o)})" for o in earlier))
+    for r in rounds:
+        lines.append(f"Round {r}, each program's latency or fate:")
+        groups: dict[tuple, list[Outcome]] = {}  # by idea, else by origin; many without one (evolution) summed up
+        for o in view.recent:
+            if o.round == r:
+                groups.setdefault((o.idea, o.source.split(",")[0]), []).append(o)
+        for (idea, origin), group in groups.items():
+            if idea is not None or len(group) <= 3:
+                about = f" ({idea[:120]})" if idea else ""
+                lines.append(f"- {origin}{about}: " + "; ".join(result_text(o) for o in group))
                 continue
-            if o.idea and o.idea not in ideas:
-                ideas.append(o.idea)
-                lines.append(f"- idea {len(ideas)}: {o.idea[:200]}")
-            lines.append(f"  - {o.source}: {result_text(o)}")
-        for source, group in others.items():
             fastest = min((o.latency_us for o in group if o.status == "measured"), default=None)
-            lines.append(f"- {source}: {len(group)} programs, {sum(o.status == 'measured' for o in group)} measured"
+            lines.append(f"- {origin}: {len(group)} programs, {sum(o.status == 'measured' for o in group)} measured"
                          + (f", fastest {fastest:.4g} us" if fastest is not None else ""))
     return "\n".join(lines) if lines else "Nothing has been measured yet."
 
@@ -177,8 +174,8 @@ class LLMProposer:
     def propose(self, view: TaskView) -> list[Proposal]:
         sketch = view.sketches[0] if view.sketches else "(none)"
         target = ", ".join(f"{k} {v}" for k, v in view.target.items())
-        context = CONTEXT.format(name=view.name, script=view.script, target=target, sketch=sketch,
-                                 history=history_text(view))
+        start = history_text(view) if view.measured else SKETCH.format(sketch=sketch) + history_text(view)
+        context = CONTEXT.format(name=view.name, script=view.script, target=target, start=start)
         system = {"role": "system", "content": SYSTEM.format(
             annotations=ANNOTATIONS.get(view.target.get("kind"), ANNOTATIONS["llvm"]), tensorize=tensorize_text(view),
             catalogue=schedule_lang.catalogue())}

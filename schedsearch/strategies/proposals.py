@@ -97,9 +97,11 @@ class History:
                          **({"program": o.program} if first else {})})
 
     def asked(self, view: "TaskView") -> None:
+        """The view a round is asked with; the programs of the measured ones only (the rest is told in words:
+        hybrid's evolution puts a round's worth of programs into `recent`)."""
         self._write({"task": self.task, "round": view.round, "view": {
-            "measured": [saved_outcome(o) for o in view.measured], "recent": [saved_outcome(o) for o in view.recent],
-            "can_measure": view.can_measure}})
+            "measured": [saved_outcome(o) for o in view.measured],
+            "recent": [saved_outcome(o, program=False) for o in view.recent], "can_measure": view.can_measure}})
 
     def ended(self, round_: int, proposals: int) -> None:
         self._write({"task": self.task, "round": round_, "ended": proposals})
@@ -109,8 +111,8 @@ class History:
             append_line(self.path, json.dumps(record, ensure_ascii=False))
 
 
-def saved_outcome(o: Outcome) -> dict:
-    return {"program": o.program, **{k: getattr(o, k) for k in SAVED}, "n": o.n}
+def saved_outcome(o: Outcome, program: bool = True) -> dict:
+    return {"program": o.program if program else "", **{k: getattr(o, k) for k in SAVED}, "n": o.n}
 
 
 def restored_outcome(d: dict) -> Outcome:
@@ -166,7 +168,8 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
     the history can tell noise from gains (an LLM on the CPU box saw one program at 1,334 us, then 5,438 us)."""
 
     def __init__(self, proposer: Proposer, target_facts: dict, explore: float = 0.2, oversample: int = 2,
-                 max_empty_rounds: int = 3, seed: int = 0, history: Path | None = None, remeasure_best: bool = False):
+                 max_empty_rounds: int = 3, seed: int = 0, history: Path | None = None,
+                 remeasure_best: bool = False):
         super().__init__()
         self.proposer, self.target_facts = proposer, target_facts
         self.explore, self.oversample, self.max_empty_rounds = explore, oversample, max_empty_rounds
@@ -243,8 +246,8 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
                     known.add(str(h))
                     try:
                         text = schedule_lang.from_trace(rec.trace, postproc=False)
-                        self.measured.append(Outcome(text, "database", "measured", latency_us=1e6 * sum(secs) / len(secs),
-                                                     kernel=str(h)))
+                        self.measured.append(Outcome(text, "database", "measured",
+                                                     latency_us=1e6 * sum(secs) / len(secs), kernel=str(h)))
                     except ScheduleLangError:  # measured, but not expressible as a program: model data only
                         pass
                 cands.append(cand)
@@ -264,11 +267,11 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
             measured, recent = map(lambda k: [restored_outcome(d) for d in saved[k]], ("measured", "recent"))
             can_measure = saved["can_measure"]
         else:
-            first = self.round - ROUNDS_FOR_PROMPT
             measured = self.measured[:HISTORY_FOR_PROMPT]
-            recent = [o for o in self.outcomes if o.round > first]
+            recent = [o for o in self.outcomes if o.round >= self.round - ROUNDS_FOR_PROMPT]
         view = TaskView(self.context.task_name, self.context.mod.script(), self.target_facts, self.sketches,
-                        measured, recent, self.round, max(want * self.oversample, MIN_PROPOSALS), self.rng, self.context.mod, can_measure)
+                        measured, recent, self.round, max(want * self.oversample, MIN_PROPOSALS), self.rng,
+                        self.context.mod, can_measure)
         if self.asked_view is None or self.asked_view["round"] != self.round:
             self.history.asked(view)
         return view
@@ -308,6 +311,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
         if again is not None:
             self.pending.append(again[:2])
             candidates.append(measure_candidate(again[2]))
+            self.remeasured.add(again[0].repeats.n)
         self.round_times.append({"round": self.round, "proposals": len(proposals), "valid": len(schedules),
                                  "propose_s": t_check - t_propose, "check_s": t_rank - t_check,
                                  "rank_s": time.time() - t_rank, "total_s": time.time() - t0})
@@ -328,7 +332,6 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
                 return None
         except Exception:  # it applied when it was measured; a TVM that changed since: measure something new
             return None
-        self.remeasured.add(best.n)
         out = Outcome(best.program, f"re-measure of {best.source}", "queued", round=self.round + 1, repeats=best)
         return out, Proposal(best.program, out.source), sch
 
