@@ -25,6 +25,10 @@ def programs(tmp_path_factory):
     """Eight distinct valid programs for the small matmul task, and its block name."""
     from tvm.s_tir import meta_schedule as ms
 
+    from schedsearch.tune import import_tensor_intrinsics
+
+    import_tensor_intrinsics()  # as tune does, before TuneContext would: the intrinsics are noted (tensorize_text)
+
     wl = workload.load(MATMUL, "small")
     target = targets.resolve("llvm")
     mod = frontend.import_onnx(frontend.export_onnx(wl, tmp_path_factory.mktemp("m") / "m.onnx"))
@@ -415,3 +419,33 @@ def test_a_resumed_round_is_asked_with_the_same_prompt_byte_for_byte(tmp_path):
     again.round += 1  # as generate_measure_candidates does
     view = again._view(8, 8)
     assert view.round == 3 and "Fastest so far: 1000 us (r1 idea 1, variation 2)" in history_text(view)
+
+
+def test_the_prompt_names_the_tensor_intrinsics_for_the_kernels_types():
+    """TVM keeps no list of its tensor intrinsics: import_tensor_intrinsics notes them as they register. A
+    float32 kernel has none on either target (the prompt says so); float16 and int8 ones on CUDA do."""
+    from tvm import te
+
+    from schedsearch.strategies.llm import tensorize_text
+    from schedsearch.tune import TENSOR_INTRINSICS, import_tensor_intrinsics
+
+    import_tensor_intrinsics()
+    if not TENSOR_INTRINSICS:
+        pytest.skip("tvm.s_tir.tensor_intrin was imported before import_tensor_intrinsics in this process")
+
+    def matmul(dtype: str, acc: str):
+        a, b = te.placeholder((64, 64), dtype, name="A"), te.placeholder((64, 64), dtype, name="B")
+        k = te.reduce_axis((0, 64), "k")
+        c = te.compute((64, 64), lambda i, j: te.sum(a[i, k].astype(acc) * b[k, j].astype(acc), axis=k), name="C")
+        return tvm.IRModule({"main": te.create_prim_func([a, b, c])})
+
+    def text(dtype, acc, kind):
+        view = _task_view(1, kind=kind)
+        view.mod, view.target = matmul(dtype, acc), {"kind": kind, "machine": "x86_64"}
+        return tensorize_text(view)
+
+    for kind in ("llvm", "cuda"):
+        assert text("float32", "float32", kind) == ("tensorize: no tensor intrinsic of TVM's computes on this "
+                                                    "kernel's types (float32) on this target.")
+    assert "wmma_sync_16x16x16_f16f16f32" in text("float16", "float32", "cuda")
+    assert "dp4a_s8s8s32" in text("int8", "int32", "cuda") and "dp4a" not in text("int8", "int32", "llvm")

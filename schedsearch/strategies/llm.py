@@ -70,8 +70,6 @@ first line, as a comment: `# idea: ...`. Learn from the results above. This is r
 once with the same messages: implement the {k}th most promising idea you see, so that the {of} programs differ.
 Answer with the program in a single ```python block and nothing else."""
 
-EXCHANGES = ("ideas", "programs")  # --llm-exchange: ideas then programs (two exchanges a round), or programs only
-
 STATUS_TEXT = {"duplicate": "duplicate of a kernel measured or proposed before, not measured",
                "ranked out": "not measured: ranked below the round's trials by the cost model",
                "measuring": "build or run still pending", "queued": "being measured"}
@@ -133,14 +131,18 @@ def tensorize_text(view: TaskView) -> str:
     dtypes = {str(a.dtype) for a in ms.arg_info.ArgInfo.from_prim_func(view.mod["main"])}
     names = []
     for name, (module, desc) in TENSOR_INTRINSICS.items():
-        args = ms.arg_info.ArgInfo.from_prim_func(desc)
-        if module.rsplit(".", 1)[-1] in families and len(args) >= 3 and {str(a.dtype) for a in args[:2]} <= dtypes:
-            names.append(name)  # a computation (inputs, accumulator), not a load, store or fill
+        block = getattr(desc.body, "block", None)  # the description's root block reads and writes its buffers
+        if block is None or module.rsplit(".", 1)[-1] not in families:
+            continue
+        written = [w.source for w in block.writes]  # TensorRegion.source: the buffer
+        inputs = [r.source for r in block.reads if not any(r.source.same_as(w) for w in written)]
+        if len(inputs) >= 2 and {str(b.dtype) for b in inputs} <= dtypes:
+            names.append(name)  # a computation of two inputs (into an accumulator), not a load, store or fill
     kinds = "/".join(sorted(dtypes))
     if not names:
-        return f"tensorize: no tensor intrinsic of TVM's takes {kinds} inputs on this target; do not use it."
-    more = f" ({len(names)} in all)" if len(names) > 12 else ""
-    return f"tensorize: intrinsics for {kinds} inputs on this target: {', '.join(sorted(names)[:12])}{more}."
+        return f"tensorize: no tensor intrinsic of TVM's computes on this kernel's types ({kinds}) on this target."
+    more = f" ({len(names)} in all)" if len(names) > 24 else ""
+    return f"tensorize: intrinsics for this kernel's types ({kinds}) on this target: {', '.join(sorted(names)[:24])}{more}."
 
 
 def parse_ideas(text: str, n: int) -> list[str]:
