@@ -171,10 +171,12 @@ def test_files_mode_no_wait_two_exchanges_a_round_none_wasted(programs, tmp_path
     answers = {p.name.split(".")[0] for p in box.glob("*.response.json")}
     assert written == answers == {r["hash"] for r in responses}  # every request answered, every answer used
     outcomes = [r for r in records if r.get("event") == "outcome"]
-    used = {o["request"] for o in outcomes if o["status"] == "measured"}
+    used = {o["request"] for o in outcomes if o["status"] == "measured" and o["request"]}  # not the re-measure
     assert {h for k, hs in kinds.items() if k[1] == "programs" for h in hs} == used
     remeasures = [o for o in outcomes if o["source"].startswith("re-measure of ") and o["status"] == "measured"]
     assert len(remeasures) == 1 and remeasures[0]["round"] == 2
+    trials = [json.loads(l) for l in (out / "trials.jsonl").read_text().splitlines()]
+    assert [t["origin"] for t in trials] == ["llm:m"] * 4 + ["re-measure", "llm:m"]
     # The resumed run's prompt is the one the run before wrote, byte for byte.
     for r in responses:
         assert json.loads((box / f"{r['hash']}.request.json").read_text())["request"]["messages"] == r["messages"]

@@ -75,14 +75,18 @@ STATUS_TEXT = {"duplicate": "duplicate of a kernel measured or proposed before, 
                "measuring": "build or run still pending", "queued": "being measured"}
 
 
+def us(latency: float) -> str:
+    return f"{latency:.4g} us" if latency < 1e4 else f"{latency:,.0f} us"  # not 1.035e+04
+
+
 def label(o: Outcome) -> str:
     return f"r{o.round} {o.source}"
 
 
 def result_text(o: Outcome) -> str:
     if o.status == "measured":
-        again = f" (re-measured: {o.remeasured_us:.4g} us)" if o.remeasured_us is not None else ""
-        return f"{o.latency_us:.4g} us{again}"
+        again = f" (re-measured: {us(o.remeasured_us)})" if o.remeasured_us is not None else ""
+        return us(o.latency_us) + again
     if o.status in ("rejected", "failed"):
         return f"{o.status}: {(o.reason or '')[:200]}"
     return STATUS_TEXT.get(o.status, o.status)
@@ -112,7 +116,7 @@ def history_text(view: TaskView) -> str:
                 continue
             fastest = min((o.latency_us for o in group if o.status == "measured"), default=None)
             lines.append(f"- {origin}: {len(group)} programs, {sum(o.status == 'measured' for o in group)} measured"
-                         + (f", fastest {fastest:.4g} us" if fastest is not None else ""))
+                         + (f", fastest {us(fastest)}" if fastest is not None else ""))
     return "\n".join(lines) if lines else "Nothing has been measured yet."
 
 

@@ -332,6 +332,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
                 return None
         except Exception:  # it applied when it was measured; a TVM that changed since: measure something new
             return None
+        self.origins[tvm_ffi.structural_hash(sch.mod)] = "re-measure"  # trials.jsonl: which trial is a repeat
         out = Outcome(best.program, f"re-measure of {best.source}", "queued", round=self.round + 1, repeats=best)
         return out, Proposal(best.program, out.source), sch
 
