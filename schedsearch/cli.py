@@ -98,7 +98,11 @@ def add_llm_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--llm-ideas", type=_positive, default=4, help="ideas asked for per round (default 4)")
     g.add_argument("--llm-programs-per-idea", type=_positive, default=2, help="programs per idea (default 2)")
     g.add_argument("--llm-temperature", type=float, default=0.8)
-    g.add_argument("--llm-timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    g.add_argument("--llm-exchange", choices=("ideas", "programs"), default="ideas",
+                   help="ideas: a round asks for ideas, then programs for each (two exchanges); programs: for "
+                        "programs directly, each with its idea in a comment (one exchange a round; default ideas)")
+    g.add_argument("--llm-timeout", type=float, default=300.0,
+                   help="seconds per request to an endpoint (default 300; files:DIR waits as long as it takes)")
     g.add_argument("--llm-price-in", type=float, default=0.0, help="USD per 1M prompt tokens, for the cost column")
     g.add_argument("--llm-price-out", type=float, default=0.0, help="USD per 1M completion tokens")
     g.add_argument("--no-wait", action="store_true",
@@ -117,7 +121,7 @@ def llm_options(args, strategy: str | None = None) -> dict:
     if llm is None:
         return {"llm": None, **hybrid}
     return {**hybrid, "llm": llm, "llm_model": args.llm_model, "concurrency": args.llm_concurrency,
-            "ideas": args.llm_ideas, "programs_per_idea": args.llm_programs_per_idea,
+            "ideas": args.llm_ideas, "programs_per_idea": args.llm_programs_per_idea, "exchange": args.llm_exchange,
             "temperature": args.llm_temperature, "timeout_s": args.llm_timeout,
             "price_in": args.llm_price_in, "price_out": args.llm_price_out, "wait": not args.no_wait}
 

@@ -30,6 +30,8 @@ NO_ENDPOINT = ("no LLM endpoint configured: set OPENAI_BASE_URL (and OPENAI_API_
 RETRY_STATUSES = {408, 409, 425, 429} | set(range(500, 600))
 FATAL_STATUSES = {401, 403, 404}  # wrong key / model / URL: every request would fail the same way
 MAX_SLEEP_S = 60.0
+# Per request. Reasoning models took 122-126 s for one program (CPU box, 2026-12-01): 120 s cut them off.
+DEFAULT_TIMEOUT_S = 300.0
 PROBE_TIMEOUT_S = 10.0  # GET /models at start: an address that drops packets must not hang a run for minutes
 
 
@@ -198,7 +200,7 @@ class OpenAIClient(LLMClient):
     backend = "openai"
 
     def __init__(self, model: str | None, transcript: Path | None, *, base_url: str | None = None,
-                 timeout_s: float = 120, max_retries: int = 4, backoff_s: float = 0.5, **common):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, max_retries: int = 4, backoff_s: float = 0.5, **common):
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         api_key = os.environ.get("OPENAI_API_KEY") or None
         if not base_url and not api_key:
@@ -300,7 +302,8 @@ class ReplayClient(LLMClient):
     latencies, which move between machines and runs, and a search that measures other things in between
     (hybrid's evolution) numbers its rounds otherwise: a prompt whose hash is not in the transcript gets the
     first answer not used yet that was recorded for the same request of the same task (ideas, or idea i's
-    variation k), from whatever round, in the transcript's order."""
+    variation k), from whatever round, in the transcript's order. A files backend's answer that resumed runs
+    read more than once (it is in the transcript each time) counts once."""
 
     backend = "replay"
 
@@ -316,6 +319,8 @@ class ReplayClient(LLMClient):
         self._answers: dict[str, list[int]] = defaultdict(list)  # prompt hash -> record indices
         self._by_request: dict[str, list[int]] = defaultdict(list)  # tag less its round -> record indices
         for i, r in enumerate(records):
+            if r.get("backend") == "files" and r["hash"] in self._answers:
+                continue  # one answer file, read again by a resumed run: one answer, not the next round's
             self._answers[r["hash"]].append(i)
             if r.get("tag"):
                 self._by_request[_without_round(r["tag"])].append(i)
@@ -373,12 +378,13 @@ def _read_response_records(path: Path) -> list[dict]:
 
 class FilesClient(LLMClient):
     """Requests are files a person or program answers: DIR/<hash>.request.json -> DIR/<hash>.response.json.
-    The response is {"content": "..."}, {"error": "..."} or a full OpenAI chat.completion JSON."""
+    The response is {"content": "..."}, {"error": "..."} or a full OpenAI chat.completion JSON. In wait mode
+    it waits for the answers as long as they take (`wait_timeout_s`, seconds, only where given)."""
 
     backend = "files"
 
     def __init__(self, model: str | None, transcript: Path | None, *, directory: Path, wait: bool = True,
-                 wait_timeout_s: float = 3600, poll_s: float = 1.0, **common):
+                 wait_timeout_s: float | None = None, poll_s: float = 1.0, **common):
         super().__init__(model, transcript, **common)
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -398,7 +404,7 @@ class FilesClient(LLMClient):
             missing = sorted(set(digests) - answers.keys())
             if not missing:
                 break
-            if not self.wait or time.monotonic() - start >= self.wait_timeout_s:
+            if not self.wait or (self.wait_timeout_s is not None and time.monotonic() - start >= self.wait_timeout_s):
                 raise PendingResponses(self.directory, [self._path(d, "request") for d in missing])
             time.sleep(self.poll_s)
         with self._lock:
@@ -447,9 +453,9 @@ class FilesClient(LLMClient):
 
 
 def make_client(spec: str = "openai", model: str | None = None, transcript: Path | None = None,
-                concurrency: int = 8, timeout_s: float = 120, max_retries: int = 4,
+                concurrency: int = 8, timeout_s: float = DEFAULT_TIMEOUT_S, max_retries: int = 4,
                 price_in: float = 0, price_out: float = 0, wait: bool = True, *,
-                base_url: str | None = None, backoff_s: float = 0.5, wait_timeout_s: float = 3600,
+                base_url: str | None = None, backoff_s: float = 0.5, wait_timeout_s: float | None = None,
                 poll_s: float = 1.0) -> LLMClient:
     """spec: "openai", "openai:BASE_URL", "replay:PATH" or "files:DIR"."""
     kind, _, arg = spec.partition(":")

@@ -7,6 +7,7 @@
     <run>/module.so           the tuned, compiled Relax module (export_library)
     <run>/tune.log            MetaSchedule's own logs
     <run>/transcript.jsonl    LLM requests/responses and what became of each program (llm only)
+    <run>/proposals.jsonl     proposal strategies' history: each program's round, status, latency (resume)
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ class RunDir:
     def log(self) -> Path: return self.root / "tune.log"
     @property
     def transcript(self) -> Path: return self.root / "transcript.jsonl"
+    @property
+    def proposals(self) -> Path: return self.root / "proposals.jsonl"
     @property
     def config(self) -> Path: return self.root / "run.json"
 

@@ -142,6 +142,8 @@ def catalogue() -> str:
         "Primitives (-> result):",
     ]
     for name, (returns, hint) in PRIMITIVES.items():
+        if name == "enter_postproc":  # in TVM's traces only: post-processing runs after every program anyway
+            continue
         result = f" -> {returns}" if returns else ""
         lines.append(f"  {_signature_text(name)}{result}  # {hint}")
     return "\n".join(lines)
@@ -660,8 +662,9 @@ def apply(program: Program, sch: Schedule, lift: bool = False) -> None:
             env[st.targets[0]] = result
 
 
-def from_trace(trace) -> str:
-    """Program text of a TVM trace (post-processing included); raises if it leaves the language."""
-    text = "\n".join(trace.as_python(remove_postproc=False))
+def from_trace(trace, postproc: bool = True) -> str:
+    """Program text of a TVM trace (`postproc`: its post-processing too, from `enter_postproc()` on; without,
+    the program as proposed, decisions filled in); raises if it leaves the language."""
+    text = "\n".join(trace.as_python(remove_postproc=not postproc))
     parse(text)
     return text

@@ -305,11 +305,23 @@ def import_tensor_intrinsics() -> None:
             frame = frame.f_back
         return frames
 
+    from tvm.s_tir import TensorIntrin
+
+    def register(name, desc, impl, override=False):  # TVM has no list of them: note each as it comes
+        TENSOR_INTRINSICS[name] = (sys._getframe(1).f_globals.get("__name__", ""), desc)
+        return real_register(name, desc, impl, override)
+
     real, inspect.stack = inspect.stack, stack
+    real_register, TensorIntrin.register = TensorIntrin.register, register
     try:
         import tvm.s_tir.tensor_intrin  # noqa: F401
     finally:
-        inspect.stack = real
+        inspect.stack, TensorIntrin.register = real, real_register
+
+
+# The tensor intrinsics `tensorize` can name: name -> (the module that registered it, its description PrimFunc).
+# Filled by import_tensor_intrinsics (empty where something else imported them first).
+TENSOR_INTRINSICS: dict[str, tuple[str, object]] = {}
 
 
 @derived_object

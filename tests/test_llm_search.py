@@ -5,6 +5,7 @@ mistakes and attacks; nothing here is an LLM's output."""
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,10 @@ MATMUL = str(ROOT / "workloads/level1/matmul.py")
 def programs(tmp_path_factory):
     """Eight distinct valid programs for the small matmul task, and its block name."""
     from tvm.s_tir import meta_schedule as ms
+
+    from schedsearch.tune import import_tensor_intrinsics
+
+    import_tensor_intrinsics()  # as tune does, before TuneContext would: the intrinsics are noted (tensorize_text)
 
     wl = workload.load(MATMUL, "small")
     target = targets.resolve("llvm")
@@ -124,14 +129,18 @@ def test_no_endpoint_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert "no LLM endpoint configured" in capsys.readouterr().err
 
 
-def test_files_mode_no_wait_then_resume(programs, tmp_path):
-    """Offline GPU node: requests are written, the run stops; answers arrive; the same command resumes."""
+def test_files_mode_no_wait_two_exchanges_a_round_none_wasted(programs, tmp_path):
+    """Offline GPU node: each run writes the requests it needs and stops; the answers are written; the same
+    command resumes. Over 3 rounds every round is two exchanges (ideas, programs), and every answer written is
+    used: the run that measured a round asks the next round's ideas, and the run after it, which rebuilds the
+    history from proposals.jsonl, asks the very same prompt (it used to restart at round 1, call every program
+    "database" and forget the rejections: a new prompt, a wasted answer)."""
     box, out = tmp_path / "box", tmp_path / "run"
     args = ["tune", MATMUL, "--size", "small", "--strategy", "llm", "--llm", f"files:{box}", "--llm-model", "m",
-            "--no-wait", "--trials", "4", "-o", str(out), "--target", "llvm", "--llm-ideas", "1",
-            "--llm-programs-per-idea", "4", "--validation-seeds", "1", "--repeats", "2"]
-    answered = 0
-    for _ in range(8):
+            "--no-wait", "--trials", "6", "-o", str(out), "--target", "llvm", "--llm-ideas", "1",
+            "--llm-programs-per-idea", "2", "--validation-seeds", "1", "--repeats", "2"]
+    answered, runs = 0, 0
+    for runs in range(1, 12):
         rc = main(args)
         if rc == 0:
             break
@@ -141,12 +150,38 @@ def test_files_mode_no_wait_then_resume(programs, tmp_path):
             if resp.exists():
                 continue
             prompt = json.loads(req.read_text())["request"]["messages"][-1]["content"]
-            text = "- tile for cache" if "optimisation ideas" in prompt else answer(programs[answered % len(programs)])
+            text = "- tile for cache" if "optimisation ideas" in prompt else answer(programs[answered])
             answered += "optimisation ideas" not in prompt
             resp.write_text(json.dumps({"content": text}))
-    assert rc == 0
+    assert rc == 0 and runs == 7  # per round: ideas asked, programs asked, measured (and the next ideas asked)
     res = json.loads((out / "results.json").read_text())
-    assert res["tasks"][0]["trials"] == 4 and res["validation"]["passed"]
+    assert res["tasks"][0]["trials"] == 6 and res["validation"]["passed"]
+
+    records = [json.loads(l) for l in (out / "transcript.jsonl").read_text().splitlines()]
+    responses = [r for r in records if "hash" in r]
+    kinds = {}  # (round, ideas | programs) -> the prompts asked
+    for r in responses:
+        _, round_, *rest = r["tag"].split("|")
+        kinds.setdefault((round_, "ideas" if rest == ["ideas"] else "programs"), set()).add(r["hash"])
+    assert sorted(kinds) == [(f"r{i}", k) for i in (1, 2, 3) for k in ("ideas", "programs")]  # 2 exchanges a round
+    assert [len(kinds[f"r{i}", "ideas"]) for i in (1, 2, 3)] == [1, 1, 1]  # each round's ideas asked once
+    # Round 2 measures 2 programs and the best of round 1 again (a trial: 2 + 3 + 1 = 6); round 3 has 1 trial left.
+    assert [len(kinds[f"r{i}", "programs"]) for i in (1, 2, 3)] == [2, 2, 1]
+    written = {p.name.split(".")[0] for p in box.glob("*.request.json")}
+    answers = {p.name.split(".")[0] for p in box.glob("*.response.json")}
+    assert written == answers == {r["hash"] for r in responses}  # every request answered, every answer used
+    outcomes = [r for r in records if r.get("event") == "outcome"]
+    used = {o["request"] for o in outcomes if o["status"] == "measured" and o["request"]}  # not the re-measure
+    assert {h for k, hs in kinds.items() if k[1] == "programs" for h in hs} == used
+    remeasures = [o for o in outcomes if o["source"].startswith("re-measure of ") and o["status"] == "measured"]
+    assert len(remeasures) == 1 and remeasures[0]["round"] == 2
+    trials = [json.loads(l) for l in (out / "trials.jsonl").read_text().splitlines()]
+    assert [t["origin"] for t in trials] == ["llm:m"] * 4 + ["re-measure", "llm:m"]
+    # The resumed run's prompt is the one the run before wrote, byte for byte.
+    for r in responses:
+        assert json.loads((box / f"{r['hash']}.request.json").read_text())["request"]["messages"] == r["messages"]
+    last = next(r for r in responses if r["tag"].endswith("|r3|ideas"))["messages"][-1]["content"]
+    assert "re-measured:" in last and "Round 2, each program" in last and "enter_postproc" not in last
 
 
 @pytest.mark.skipif(not os.environ.get("OPENAI_API_KEY") or not (os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_MODEL")),
@@ -270,3 +305,149 @@ def test_a_round_whose_requests_all_fail_is_reported(programs, tmp_path, capsys,
     assert all("APIConnectionError" in r["error"] for r in failed)
     assert "LLM round 2: 1 of 1 requests failed, no program came back (last: APIConnectionError" in captured.err
     assert "LLM: 3 round(s) got no program back, their requests failed (last: APIConnectionError" in captured.out
+
+
+def _task_view(round_: int, measured=(), recent=(), can_measure: int = 1 << 30, kind: str = "llvm"):
+    from schedsearch.strategies.proposals import TaskView
+
+    return TaskView("layer_norm", "# the kernel", {"kind": kind}, [], list(measured), list(recent), round_, 8,
+                    random.Random(0), None, can_measure)
+
+
+H200_ANSWERS = ROOT / "tests/data/h200-layernorm/transcript-answers.jsonl"  # of /work/shared/llm-transcripts/h200
+
+
+def test_replay_of_the_h200_transcript_finds_every_answer_with_todays_prompts(tmp_path):
+    """The real model's layernorm transcript (2 rounds, recorded with older prompts, each ideas answer read
+    twice by the files backend) replays round by round: every request of today's prompts gets the recorded
+    answer of the same request (by tag), round 2 gets round 2's ideas, not round 1's again."""
+    from schedsearch.llm_client import make_client
+    from schedsearch.strategies.llm import LLMProposer, extract_program
+    from schedsearch.strategies.proposals import Outcome
+
+    records = [json.loads(l) for l in H200_ANSWERS.read_text().splitlines()]
+    programs = [extract_program(r["text"]) for r in records if re.search(r"\|i\d+\|s\d+$", r["tag"])]
+    assert len(programs) == 16
+    proposer = LLMProposer(make_client(f"replay:{H200_ANSWERS}", transcript=tmp_path / "t.jsonl"))
+    first = proposer.propose(_task_view(1, kind="cuda"))
+    assert [p.program for p in first] == programs[:8]
+    done = [Outcome(p.program, p.source, "measured", latency_us=200.0 + i, round=1, idea=p.idea)
+            for i, p in enumerate(first)]
+    second = proposer.propose(_task_view(2, done, done, kind="cuda"))
+    assert [p.program for p in second] == programs[8:]
+    assert second[0].idea.startswith("Get more loads in flight") and first[0].idea.startswith("Give ln_stats")
+
+
+@pytest.mark.parametrize("exchange", ["ideas", "programs"])
+def test_a_round_asks_no_more_programs_than_trials_left(tmp_path, exchange):
+    """3 trials left, 4 ideas x 2 programs: 3 programs asked for (3 ideas, one each); with --llm-exchange
+    programs one exchange of 3 requests, each program's idea taken from its first comment."""
+    from schedsearch import llm_client
+    from schedsearch.strategies.llm import LLMProposer
+
+    def script(request):
+        if "optimisation ideas" in request["messages"][-1]["content"]:
+            return "- tile\n- vectorize\n- unroll\n- parallel"
+        return answer("# idea: split the rows over threads\nb0 = sch.get_sblock(name=\"x\", func_name=\"main\")")
+
+    with FakeOpenAI(script) as srv:
+        client = llm_client.make_client(f"openai:{srv.base_url}", model="m", transcript=tmp_path / "t.jsonl")
+        proposals = LLMProposer(client, ideas=4, programs_per_idea=2, exchange=exchange).propose(
+            _task_view(1, can_measure=3))
+        prompts = [r["messages"][-1]["content"] for r in srv.requests]
+    tags = [json.loads(l)["tag"] for l in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert len(proposals) == 3
+    if exchange == "ideas":
+        assert "Propose 3 distinct optimisation ideas" in prompts[0] and len(prompts) == 4
+        assert sorted(tags[1:]) == ["layer_norm|r1|i0|s0", "layer_norm|r1|i1|s0", "layer_norm|r1|i2|s0"]
+        assert [p.idea for p in proposals] == ["tile", "vectorize", "unroll"]
+    else:
+        assert len(prompts) == 3 and not any("optimisation ideas" in p for p in prompts)
+        assert any("request 2 of 3" in p for p in prompts)
+        assert sorted(tags) == ["layer_norm|r1|p0", "layer_norm|r1|p1", "layer_norm|r1|p2"]
+        assert {p.idea for p in proposals} == {"split the rows over threads"}
+
+
+def test_a_resumed_round_is_asked_with_the_same_prompt_byte_for_byte(tmp_path):
+    """A run asks round 2 (files, no answer yet: it stops), and a deferred measurement of round 1 arrives as it
+    ends. The next run rebuilds the history from proposals.jsonl and asks round 2 with the same prompt: the
+    request file already written is the one it waits for, not a new one. Round 3 then shows the late result."""
+    from types import SimpleNamespace
+
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+
+    from schedsearch.llm_client import PendingResponses, make_client
+    from schedsearch.measure import DEFERRED_RUN
+    from schedsearch.strategies.llm import LLMProposer, history_text
+    from schedsearch.strategies.proposals import Outcome, Proposal, ProposalSearch
+
+    a = te.placeholder((8,), name="A")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, te.compute((8,), lambda i: a[i] * 2, name="B")])})
+    box, history = tmp_path / "box", tmp_path / "proposals.jsonl"
+
+    def start() -> ProposalSearch:
+        client = make_client(f"files:{box}", model="m", wait=False)
+        search = ProposalSearch(LLMProposer(client, ideas=1, programs_per_idea=2), {"kind": "llvm"}, history=history)
+        search.context = SimpleNamespace(task_name="t", mod=mod)
+        search.rng = random.Random(0)
+        search._inst.pre_tuning(8, 8, [], SimpleNamespace(has_workload=lambda mod: False), None)  # not via the FFI
+        return search
+
+    first = start()
+    # Round 1 as generate_measure_candidates leaves it: checked, ranked, one measured now, one deferred.
+    first.round = 1
+    fast, late, dup = (Outcome(f"sch.p{i}()", f"idea 1, variation {i}", s, round=1, idea="tile", kernel=str(i))
+                       for i, s in ((1, "queued"), (2, "queued"), (3, "duplicate")))
+    first.outcomes += [fast, late, dup]
+    first.history.ended(1, 3)
+    first._record([fast, late, dup], [Proposal(o.program, o.source) for o in (fast, late, dup)])
+    first.pending = [(fast, Proposal(fast.program, fast.source)), (late, Proposal(late.program, late.source))]
+    first.notify_runner_results([], [ms.runner.RunnerResult([0.002], None), ms.runner.RunnerResult(None, DEFERRED_RUN.format(7))])
+    assert first.generate_measure_candidates() is None and isinstance(first.error, PendingResponses)
+    [asked] = first.error.paths
+    first.notify_late_results([7], [ms.runner.RunnerResult([0.001], None)])  # the late result, as the run ends
+
+    resumed = start()
+    assert resumed.round == 1 and [o.status for o in resumed.outcomes] == ["measured", "measured", "duplicate"]
+    assert [o.latency_us for o in resumed.measured] == [1000.0, 2000.0]
+    assert resumed.generate_measure_candidates() is None and resumed.error.paths == [asked]
+    assert sorted(box.iterdir()) == [asked]
+    shown = json.loads(asked.read_text())["request"]["messages"][-1]["content"]
+    assert "1000 us" not in shown and "build or run still pending" in shown and "duplicate of a kernel" in shown
+    # Round 2 done (no program came back, say): round 3 shows everything measured.
+    resumed.history.ended(2, 0)
+    again = start()
+    again.round += 1  # as generate_measure_candidates does
+    view = again._view(8, 8)
+    assert view.round == 3 and "Fastest so far: 1000 us (r1 idea 1, variation 2)" in history_text(view)
+
+
+def test_the_prompt_names_the_tensor_intrinsics_for_the_kernels_types():
+    """TVM keeps no list of its tensor intrinsics: import_tensor_intrinsics notes them as they register. A
+    float32 kernel has none on either target (the prompt says so); float16 and int8 ones on CUDA do."""
+    from tvm import te
+
+    from schedsearch.strategies.llm import tensorize_text
+    from schedsearch.tune import TENSOR_INTRINSICS, import_tensor_intrinsics
+
+    import_tensor_intrinsics()
+    if not TENSOR_INTRINSICS:
+        pytest.skip("tvm.s_tir.tensor_intrin was imported before import_tensor_intrinsics in this process")
+
+    def matmul(dtype: str, acc: str):
+        a, b = te.placeholder((64, 64), dtype, name="A"), te.placeholder((64, 64), dtype, name="B")
+        k = te.reduce_axis((0, 64), "k")
+        c = te.compute((64, 64), lambda i, j: te.sum(a[i, k].astype(acc) * b[k, j].astype(acc), axis=k), name="C")
+        return tvm.IRModule({"main": te.create_prim_func([a, b, c])})
+
+    def text(dtype, acc, kind):
+        view = _task_view(1, kind=kind)
+        view.mod, view.target = matmul(dtype, acc), {"kind": kind, "machine": "x86_64"}
+        return tensorize_text(view)
+
+    for kind in ("llvm", "cuda"):
+        assert text("float32", "float32", kind) == ("tensorize: no tensor intrinsic of TVM's computes on this "
+                                                    "kernel's types (float32) on this target.")
+    assert "wmma_sync_16x16x16_f16f16f32" in text("float16", "float32", "cuda")
+    assert "dp4a_s8s8s32" in text("int8", "int32", "cuda") and "dp4a" not in text("int8", "int32", "llvm")

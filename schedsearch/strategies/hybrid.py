@@ -289,6 +289,6 @@ def make_hybrid_strategy(target, seed: int = 0, run=None, llm: str | None = None
     else:
         proposer_for = lambda task: RuleProposer()
     factory = search_factory("hybrid", proposer_for, target_facts, seed, client,
-                             wrap=lambda search: HybridSearch(search, options))
+                             wrap=lambda search: HybridSearch(search, options), run=run)
     factory.cost_model_warmup = options.cost_model_warmup
     return factory
