@@ -6,10 +6,11 @@ task of the same structure starts from them (`--library`, strategies `rules` and
 A kernel's structure (`structure_key`) is its blocks in order, each with its name, its iterators' kinds
 (S spatial, R reduction) and its buffer accesses with the iterators renumbered and every size and
 constant left out: the layernorm of any shape has one key, a matmul of any M, N, K another. Block names
-are part of it because programs name blocks. A program of the library applies to a task of its key once
-its tile sizes fit the new extents (`retarget`): its `sample_perfect_tile` decisions are drawn again, and a
-literal split whose product is not the new extent gets one factor left to TVM (None), a factor that makes
-no thread or vector loop where there is one. The result is checked and measured like any proposal.
+are part of it because programs name blocks. A task gets the programs of its structure, then those of its
+structure less some fused elementwise blocks (`Library.for_task`). A program is fitted to the task's
+extents by `retarget`: its tile decisions kept where they fit, the others replayed by TVM or drawn again,
+and a literal split whose product is not the new extent gets one factor left to TVM (None), one that
+makes no thread or vector loop where there is one. The result is checked and measured like any proposal.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from .schedule_lang import ScheduleLangError
 ROOT = Path(__file__).resolve().parent.parent / "schedules" / "library"
 FORMAT = 1
 PER_KEY = 8  # programs kept per structure and target kind, fastest first
-PER_ENTRY = 4  # proposals made of one program: its tiles as recorded, then drawn again
+PER_ENTRY = 4  # proposals made of one program: its tiles as recorded, then those that do not fit drawn again
 _CONSTANT = re.compile(r"T\.\w+\((-?[\d.e+]+)\)|(?<![\w.])-?\d+(\.\d+)?(e[+-]?\d+)?(?![\w.])")
 
 
@@ -73,6 +74,20 @@ def structure_key(mod: tvm.IRModule) -> str:
     return "\n".join(lines)
 
 
+def _extra_blocks(program_blocks: list[str], task_blocks: list[str]) -> int | None:
+    """How many blocks the task has beyond the program's, where the program's blocks are the task's in order
+    and every other block of the task is elementwise (all its iterators spatial); else None. A program
+    leaves such blocks to the post-processors (RewriteUnboundBlock binds them on CUDA): on the H200 conv2d
+    programs so fitted the conv2d + bias + ReLU kernel, and the matmul programs the matmul + bias + GELU one."""
+    i = 0
+    for line in task_blocks:
+        if i < len(program_blocks) and line == program_blocks[i]:
+            i += 1
+        elif set(line.split()[1]) != {"S"}:
+            return None
+    return len(task_blocks) - len(program_blocks) if i == len(program_blocks) else None
+
+
 def _shape(mod: tvm.IRModule) -> str:
     from tvm.s_tir import meta_schedule as ms
 
@@ -82,13 +97,30 @@ def _shape(mod: tvm.IRModule) -> str:
 
 # ---- retargeting -------------------------------------------------------------------------------------------
 
-def _without_tile_decisions(program: schedule_lang.Program) -> schedule_lang.Program:
-    """The program with its sample_perfect_tile decisions dropped: TVM draws new ones for the loop's extent.
-    (Kept, TVM 0.27 replays a decision that does not fit the extent as a deterministic repair, not a draw:
-    [3, 5, 7] on 128 became [1, 1, 128], past max_innermost_factor=64.)"""
-    return schedule_lang.Program(tuple(
-        dataclasses.replace(st, kwargs=tuple((k, v) for k, v in st.kwargs if k != "decision"))
-        if st.primitive == "sample_perfect_tile" else st for st in program.statements))
+def _tile_decisions(program: schedule_lang.Program) -> list:
+    """Each sample_perfect_tile statement's decision (None where it has none), in order."""
+    out = []
+    for st in program.statements:
+        if st.primitive == "sample_perfect_tile":
+            decision = dict(st.kwargs).get("decision")
+            out.append(list(decision.items) if isinstance(decision, schedule_lang.Seq) else None)
+    return out
+
+
+def _trace_tile_decisions(trace) -> list[list[int]]:
+    return [[int(d) for d in trace.decisions[inst]] for inst in trace.insts if inst.kind.name == "SamplePerfectTile"]
+
+
+def _without_tile_decisions(program: schedule_lang.Program, which: set[int]) -> schedule_lang.Program:
+    """The program with the decisions of its sample_perfect_tile statements numbered in `which` dropped."""
+    out, k = [], 0
+    for st in program.statements:
+        if st.primitive == "sample_perfect_tile":
+            if k in which:
+                st = dataclasses.replace(st, kwargs=tuple((n, v) for n, v in st.kwargs if n != "decision"))
+            k += 1
+        out.append(st)
+    return schedule_lang.Program(tuple(out))
 
 
 def _free_one_factor(program: schedule_lang.Program, line: int) -> schedule_lang.Program | None:
@@ -118,25 +150,40 @@ def _free_one_factor(program: schedule_lang.Program, line: int) -> schedule_lang
     return schedule_lang.Program(tuple(statements))
 
 
-def retarget(text: str, mod: tvm.IRModule, seed: int, redraw_tiles: bool = True) -> str:
-    """A library program made to fit `mod`'s extents: its tiles drawn again (`redraw_tiles`; else TVM's
-    replay of the recorded decisions), literal splits that no longer fit freed one factor at a time.
-    -> the program as applied (its decisions fixed); raises ScheduleLangError where it does not apply."""
-    program = schedule_lang.root_annotations_last(schedule_lang.parse(text))  # see there: TVM 0.27 in place
-    if redraw_tiles:
-        program = _without_tile_decisions(program)
+def _apply_fitting_splits(program: schedule_lang.Program, mod: tvm.IRModule, seed: int):
+    """Apply `program` to a copy of `mod`, freeing one factor of each literal split that does not fit.
+    -> (the program as it applied, its schedule)."""
     for _ in range(len(program) + 1):
         sch = schedule_lang.fresh_schedule(mod, seed=seed)
         try:
             schedule_lang.apply(program, sch)
+            return program, sch
         except ScheduleLangError as e:
             freed = _free_one_factor(program, e.line)
             if freed is None:
                 raise
             program = freed
-            continue
-        return "\n".join(sch.trace.as_python(remove_postproc=True))
     raise ScheduleLangError(1, "no split left to free")
+
+
+def retarget(text: str, mod: tvm.IRModule, seed: int, redraw_tiles: bool = False) -> str | None:
+    """A library program made to fit `mod`'s extents, literal splits that do not fit freed one factor at a time.
+    Its tiles: as recorded where they fit the new extents, TVM 0.27's replay of a decision that does not fit
+    elsewhere (deterministic, not a draw: [64, 16, 4] on 128 became [2, 16, 4], [3, 5, 7] [1, 1, 128], past
+    max_innermost_factor=64); `redraw_tiles`: those that do not fit drawn again (None when all fit).
+    Drawing every tile again instead left 24 of 32 re-targetings of the H200 matmul programs to the same
+    4096^3 matmul invalid (VerifyGPUCode: their shared-memory and thread tiles are coupled).
+    -> the program as applied, its decisions fixed; raises ScheduleLangError where it does not apply."""
+    program = schedule_lang.root_annotations_last(schedule_lang.parse(text))  # see there: TVM 0.27 in place
+    program, sch = _apply_fitting_splits(program, mod, seed)
+    if redraw_tiles:
+        misfit = {k for k, (recorded, applied) in enumerate(zip(_tile_decisions(program),
+                                                                 _trace_tile_decisions(sch.trace)))
+                  if recorded != applied}
+        if not misfit:
+            return None
+        program, sch = _apply_fitting_splits(_without_tile_decisions(program, misfit), mod, seed)
+    return "\n".join(sch.trace.as_python(remove_postproc=True))
 
 
 # ---- the library file ---------------------------------------------------------------------------------------
@@ -148,10 +195,14 @@ class Library:
     entries: list[Entry]
     note: str | None = None  # auto: why there is none
 
-    def for_task(self, mod: tvm.IRModule, target_kind: str) -> list[Entry]:
-        key = structure_key(mod)
-        return sorted((e for e in self.entries if e.key == key and e.target == target_kind),
-                      key=lambda e: e.latency_us)
+    def for_task(self, mod: tvm.IRModule, target_kind: str) -> list[tuple[Entry, int]]:
+        """The programs for `mod`'s structure, with how many elementwise blocks its kernel has beyond theirs:
+        those of its exact structure first, then those of its kernel less fused elementwise blocks (a
+        matmul's for a matmul + bias + GELU), fastest first."""
+        lines = structure_key(mod).splitlines()
+        found = [(e, extra) for e in self.entries if e.target == target_kind
+                 for extra in [_extra_blocks(e.key.splitlines(), lines)] if extra is not None]
+        return sorted(found, key=lambda t: (t[1], t[0].latency_us))
 
     def record(self) -> dict:
         out = {"requested": self.requested, "path": self.path, "entries": len(self.entries)}

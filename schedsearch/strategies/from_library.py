@@ -15,17 +15,19 @@ log = logging.getLogger("schedsearch.ms")
 class LibraryProposer:
     label = "library"
 
-    def __init__(self, entries: list[library.Entry]):
+    def __init__(self, entries: list[tuple[library.Entry, int]]):
         self.entries, self.asked = entries, False
 
     def propose(self, view: TaskView) -> list[Proposal]:
-        """Once: each program with its tiles as recorded (TVM's replay on the new extents), then drawn again."""
+        """Once: each program with its tiles as recorded where they fit the task's extents, then with the
+        others drawn again."""
         if self.asked:
             return []
         self.asked = True
         out = []
-        for i, entry in enumerate(self.entries):
-            where = f"library #{i + 1} ({entry.workload} {entry.shape}, {entry.latency_us:,.1f} us on {entry.device})"
+        for i, (entry, extra) in enumerate(self.entries):
+            where = (f"library #{i + 1} ({entry.workload} {entry.shape}, {entry.latency_us:,.1f} us on {entry.device}"
+                     + (f"; this kernel has {extra} more elementwise blocks)" if extra else ")"))
             for k in range(library.PER_ENTRY):
                 try:
                     text = library.retarget(entry.program, view.mod, seed=view.rng.randrange(1, 1 << 30),
@@ -33,7 +35,9 @@ class LibraryProposer:
                 except ScheduleLangError as e:
                     log.info("%s does not apply to %s: %s", where, view.name, e)
                     break
-                out.append(Proposal(text, where + (", tiles drawn again" if k else "")))
+                if text is None:  # every tile fits: nothing to draw
+                    break
+                out.append(Proposal(text, where + (", tiles that did not fit drawn again" if k else "")))
         return out
 
     def record(self, outcomes, proposals) -> None:
