@@ -170,16 +170,22 @@ def retarget(text: str, mod: tvm.IRModule, seed: int, redraw_tiles: bool = False
     """A library program made to fit `mod`'s extents, literal splits that do not fit freed one factor at a time.
     Its tiles: as recorded where they fit the new extents, TVM 0.27's replay of a decision that does not fit
     elsewhere (deterministic, not a draw: [64, 16, 4] on 128 became [2, 16, 4], [3, 5, 7] [1, 1, 128], past
-    max_innermost_factor=64); `redraw_tiles`: those that do not fit drawn again (None when all fit).
+    max_innermost_factor=64); `redraw_tiles`: those that do not fit drawn again, less thread tiles (None when
+    there are none).
     Drawing every tile again instead left 24 of 32 re-targetings of the H200 matmul programs to the same
     4096^3 matmul invalid (VerifyGPUCode: their shared-memory and thread tiles are coupled).
     -> the program as applied, its decisions fixed; raises ScheduleLangError where it does not apply."""
     program = schedule_lang.root_annotations_last(schedule_lang.parse(text))  # see there: TVM 0.27 in place
     program, sch = _apply_fitting_splits(program, mod, seed)
     if redraw_tiles:
-        misfit = {k for k, (recorded, applied) in enumerate(zip(_tile_decisions(program),
-                                                                 _trace_tile_decisions(sch.trace)))
-                  if recorded != applied}
+        # A tile that makes a threadIdx loop stays TVM's replay: a program's fetch splits are written for its
+        # thread extents (schedule_lang._lift). The H200 databases predate that rule in lifting: drawn again,
+        # the gemm_bias_gelu re-targetings of all 8 matmul programs' misfit row tiles (24) failed VerifyGPUCode.
+        threaded = schedule_lang._thread_bound_names(program)
+        tiles = [st for st in program.statements if st.primitive == "sample_perfect_tile"]
+        misfit = {k for k, (st, recorded, applied) in enumerate(zip(tiles, _tile_decisions(program),
+                                                                     _trace_tile_decisions(sch.trace)))
+                  if recorded != applied and not set(st.targets) & threaded}
         if not misfit:
             return None
         program, sch = _apply_fitting_splits(_without_tile_decisions(program, misfit), mod, seed)
@@ -279,9 +285,9 @@ def _records(database: Path, workloads: list):
             yield None, None
 
 
-def build(paths: list[Path], out: Path) -> dict:
+def build(paths: list[Path], out: Path, per_key: int = PER_KEY) -> dict:
     """The library of every measured program in the databases at or under `paths` (run dirs, databases,
-    schedules/<gpu>/): per structure and target kind the PER_KEY fastest distinct programs."""
+    schedules/<gpu>/): per structure and target kind the `per_key` fastest distinct programs."""
     from tvm.s_tir import meta_schedule as ms
 
     from .cost_models import find_databases, measured_on
@@ -319,18 +325,18 @@ def build(paths: list[Path], out: Path) -> dict:
             candidates.append(Entry(key, record.target.kind.name, program, 1e6 * sum(secs) / len(secs), task,
                                     workload, shape, device, source))
     entries, seen = [], set()
-    per_key: dict[tuple[str, str], int] = {}
+    kept: dict[tuple[str, str], int] = {}
     for e in sorted(candidates, key=lambda e: e.latency_us):
-        if (e.key, e.target, e.program) in seen or per_key.get((e.key, e.target), 0) >= PER_KEY:
+        if (e.key, e.target, e.program) in seen or kept.get((e.key, e.target), 0) >= per_key:
             continue
         seen.add((e.key, e.target, e.program))
-        per_key[(e.key, e.target)] = per_key.get((e.key, e.target), 0) + 1
+        kept[(e.key, e.target)] = kept.get((e.key, e.target), 0) + 1
         entries.append(e)
     data = {"format": FORMAT, "tvm": tvm.__version__, "sources": [str(p) for p in paths],
             "entries": [dataclasses.asdict(e) for e in entries]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1) + "\n")
-    return {"entries": len(entries), "structures": len(per_key), "measured": len(candidates),
+    return {"entries": len(entries), "structures": len(kept), "measured": len(candidates),
             "skipped": skipped}
 
 
@@ -341,11 +347,13 @@ def add_commands(sub) -> dict:
     b.add_argument("sources", nargs="+", type=Path,
                    help="run dirs, databases, or directories holding them (e.g. schedules/nvidia-h200)")
     b.add_argument("-o", "--output", required=True, type=Path, help="library file, e.g. schedules/library/cuda.json")
+    b.add_argument("--per-structure", type=int, default=PER_KEY,
+                   help=f"programs kept per kernel structure and target kind, fastest first (default {PER_KEY})")
     return {"library": cmd_library}
 
 
 def cmd_library(args) -> int:
-    made = build(args.sources, args.output)
+    made = build(args.sources, args.output, args.per_structure)
     print(f"{args.output}: {made['entries']} programs of {made['structures']} kernel structures "
           f"(of {made['measured']} measured records; {made['skipped']} outside the schedule language or not re-applicable)",
           file=sys.stderr)
