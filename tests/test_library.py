@@ -74,17 +74,18 @@ def test_structure_key_ignores_sizes_and_names_the_kernel(tmp_path):
     assert lib.for_task(small.mod, "llvm") == [] and lib.for_task(matmul.mod, "cuda") == []
 
 
-def test_rules_tune_starts_from_a_library_program_retargeted_and_valid(recorded, tmp_path):
+def test_hybrid_tune_starts_from_a_library_program_retargeted_and_valid(recorded, tmp_path):
     """Layernorm recorded on rows of 4x16x16 (its tiles 256x4 and 64x16), tuned on rows of 2x8x40: both trials
     are the library's program with tiles for 640, and the module built from them passes validation."""
     path = reshaped(tmp_path, LAYERNORM, '{"BATCH": 3, "FEATURES": 2, "DIM1": 8, "DIM2": 40}')
-    out = tmp_path / "rules"
-    assert main(["tune", path, "--size", "small", "--strategy", "rules", "--library", str(recorded), "--trials", "2",
+    out = tmp_path / "hybrid"
+    assert main(["tune", path, "--size", "small", "--strategy", "hybrid", "--library", str(recorded), "--trials", "2",
                  "-o", str(out), "--target", "llvm", "--validation-seeds", "1", "--repeats", "3"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["validation"]["passed"] and res["validation"]["checks"] == 4
     [task] = res["tasks"]
     assert task["origins"] == {"library": {"trials": 2, "best_us": task["best_us"]}}
+    assert res["search"]["phases"][task["name"]][0]["source"] == "library"
     assert res["search"]["library"]["path"] == str(recorded)
     assert res["search"]["library"]["programs_per_task"] == {"layer_norm": 1}
     assert [json.loads(l)["origin"] for l in (out / "trials.jsonl").read_text().splitlines()] == ["library"] * 2
@@ -100,21 +101,33 @@ def test_rules_tune_starts_from_a_library_program_retargeted_and_valid(recorded,
     assert all(np.prod(d[0]) == 640 and np.prod(d[1]) == 640 for _, d in measured)
 
 
-def test_hybrid_tune_measures_library_programs_first(recorded, tmp_path):
-    """The 128^3 matmul's program on a 96^3 matmul: hybrid's first round is the library's, evolution follows."""
-    path = reshaped(tmp_path, MATMUL, '{"N": 96}')
-    out = tmp_path / "hybrid"
-    assert main(["tune", path, "--size", "small", "--strategy", "hybrid", "--library", str(recorded), "--trials", "6",
-                 "-o", str(out), "--target", "llvm", "--hybrid-stall-trials", "1000", "--validation-seeds", "1",
-                 "--repeats", "3"]) == 0
-    res = json.loads((out / "results.json").read_text())
-    assert res["validation"]["passed"]
-    [task] = res["tasks"]
-    origins = [json.loads(l)["origin"] for l in (out / "trials.jsonl").read_text().splitlines()]
-    n = task["origins"]["library"]["trials"]
-    assert 1 <= n <= library.PER_ENTRY and origins[:n] == ["library"] * n and set(origins[n:]) <= {"evolution"}
-    assert res["search"]["phases"][task["name"]][0]["source"] == "library"
-    assert res["search"]["library"]["programs_per_task"] == {"matmul": 1}
+def test_rules_first_round_is_the_library_then_rules(recorded, tmp_path):
+    """The 128^3 matmul's program for a 96^3 matmul: the rules strategy's first round is the library's (its
+    tiles fitted to 96), the next the rules proposer's."""
+    import random
+
+    from schedsearch import strategies
+    from schedsearch.strategies.proposals import TaskView
+
+    llvm = targets.resolve("llvm")
+    [task] = tasks_of(reshaped(tmp_path, MATMUL, '{"N": 96}'), tmp_path, llvm)
+    factory = strategies.make("rules", target=llvm, library=str(recorded))
+    proposer = factory(task).proposer
+    ctx = ms.TuneContext(mod=task.mod, target=llvm, space_generator="post-order-apply", task_name="t")
+    sketch = schedule_lang.from_trace(ctx.generate_design_space()[0].trace)
+
+    def view(n):
+        return TaskView(task.name, "", {}, [sketch], [], [], n, 8, random.Random(n), task.mod)
+
+    first = proposer.propose(view(1))
+    assert proposer.label == "library" and 1 <= len(first) <= library.PER_ENTRY
+    assert all(p.source.startswith("library #1 (") and "128x128 128x128 -> 128x128" in p.source for p in first)
+    for p in first:
+        sch = schedule_lang.fresh_schedule(task.mod)
+        schedule_lang.apply(schedule_lang.parse(p.program), sch)
+        assert all(np.prod(d) == 96 for d in structure(sch.trace)[1])
+    assert proposer.propose(view(2)) and proposer.label == "rules"
+    assert factory.stats()["library"]["programs_per_task"] == {"matmul": 1}
 
 
 def test_committed_cuda_library_retargets_to_other_shapes_without_a_gpu(tmp_path):
