@@ -76,7 +76,7 @@ def main() -> None:
                         row[f"rejected: {outcomes[0].reason[:60]}"] += 1
                 row["variants valid"] += valid
                 row["programs with a valid variant"] += valid > 0
-            print(f"\n{wl.name} ({wl.size}) {task.name}: {library._shape(task.mod)}")
+            print(f"\n{wl.name} ({wl.size}) {task.name}: {library.shapes(task.mod)}")
             for (source, match), c in sorted(rows.items()):
                 why = "; ".join(f"{n} {w}" for w, n in c.most_common()
                                 if w.startswith(("does not", "rejected")))

@@ -88,7 +88,7 @@ def _extra_blocks(program_blocks: list[str], task_blocks: list[str]) -> int | No
     return len(task_blocks) - len(program_blocks) if i == len(program_blocks) else None
 
 
-def _shape(mod: tvm.IRModule) -> str:
+def shapes(mod: tvm.IRModule) -> str:
     from tvm.s_tir import meta_schedule as ms
 
     dims = ["x".join(str(int(d)) for d in a.shape) for a in ms.arg_info.ArgInfo.from_prim_func(mod["main"])]
@@ -318,7 +318,7 @@ def build(paths: list[Path], out: Path, per_key: int = PER_KEY) -> dict:
                 # A run whose kernel changed between invocations (the H200 layernorm's) has more workloads than tasks.
                 task = (task_names[index] if len(task_names) == len(workloads)
                         else task_names[0] if len(task_names) == 1 else f"task{index}")
-                keys[index] = (structure_key(mod), task, _shape(mod))
+                keys[index] = (structure_key(mod), task, shapes(mod))
             key, task, shape = keys[index]
             sha = hashlib.sha256(program.encode()).hexdigest()[:16]
             source = f"{database} record {i + 1}" + (f" ({ideas[sha]})" if sha in ideas else "")
