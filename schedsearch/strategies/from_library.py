@@ -19,8 +19,8 @@ class LibraryProposer:
         self.entries, self.asked = entries, False
 
     def propose(self, view: TaskView) -> list[Proposal]:
-        """Once: each program with its tiles as recorded where they fit the task's extents, then with the
-        others drawn again."""
+        """Once: each program with its tiles as recorded where they fit the task's extents (TVM's replay of
+        the others), then with those others, thread tiles aside, drawn again."""
         if self.asked:
             return []
         self.asked = True
@@ -35,7 +35,7 @@ class LibraryProposer:
                 except ScheduleLangError as e:
                     log.info("%s does not apply to %s: %s", where, view.name, e)
                     break
-                if text is None:  # every tile fits: nothing to draw
+                if text is None:  # no tile to draw
                     break
                 out.append(Proposal(text, where + (", tiles that did not fit drawn again" if k else "")))
         return out
