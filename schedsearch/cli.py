@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import compare, export, llm_bridge, rpc
+from . import compare, export, library, llm_bridge, rpc
 from .errors import INTERRUPTED, INTERRUPTED_MESSAGE, UserError, catch_interrupts, os_error_message
 
 
@@ -51,11 +51,13 @@ def parser() -> argparse.ArgumentParser:
     add_runner_option(t)
     add_cost_model_option(t)
     add_shared_memory_option(t)
+    add_library_option(t)
     add_llm_options(t)
     COMMANDS.update(export.add_commands(sub))
     COMMANDS.update(compare.add_commands(sub))
     COMMANDS.update(rpc.add_commands(sub))
     COMMANDS.update(llm_bridge.add_commands(sub))
+    COMMANDS.update(library.add_commands(sub))
 
     m = sub.add_parser("train-cost-model", help="train the search's XGBoost cost model on measured databases")
     m.add_argument("databases", nargs="+", type=Path,
@@ -86,6 +88,13 @@ def add_cost_model_option(p: argparse.ArgumentParser) -> None:
                    help="where every strategy's XGBoost cost model starts: none (default: from nothing) | auto "
                         "(cost_models/<this device>/ if there, else none) | DIR (from train-cost-model) | FILE "
                         "(a run's cost_model.tar, same device; unpickled, so trusted run dirs only)")
+
+
+def add_library_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--library", default="auto", metavar="SPEC",
+                   help="rules, and hybrid without a model: measured programs of earlier runs for kernels of the same "
+                        "structure make each task's first round: auto (default: schedules/library/<target kind>.json "
+                        "if there) | none | PATH (from schedsearch library build)")
 
 
 def add_llm_options(p: argparse.ArgumentParser) -> None:
@@ -124,6 +133,13 @@ def llm_options(args, strategy: str | None = None) -> dict:
             "ideas": args.llm_ideas, "programs_per_idea": args.llm_programs_per_idea, "exchange": args.llm_exchange,
             "temperature": args.llm_temperature, "timeout_s": args.llm_timeout,
             "price_in": args.llm_price_in, "price_out": args.llm_price_out, "wait": not args.no_wait}
+
+
+def strategy_options(args, strategy: str | None = None) -> dict:
+    """llm_options, and for rules and hybrid the program library (`--library`)."""
+    strategy = strategy or args.strategy
+    library = {"library": args.library} if strategy in ("rules", "hybrid") else {}
+    return {**llm_options(args, strategy), **library}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,8 +199,9 @@ def cmd_tune(args) -> int:
           f"({targets.facts(target)['name']}), {args.trials} trials per task -> {run.root}", file=sys.stderr)
     results = tune_workload(wl, target, run, strategy=args.strategy, trials=args.trials, seed=args.seed,
                             validation_seeds=args.validation_seeds, repeats=args.repeats,
-                            command=args.command_line, strategy_options=llm_options(args),
-                            cost_model=args.cost_model, runner_spec=args.runner, shared_memory=args.shared_memory)
+                            command=args.command_line, strategy_options=strategy_options(args),
+                            cost_model=args.cost_model, runner_spec=args.runner,
+                            shared_memory=args.shared_memory)
     print(summary_table(results))
     if not results["validation"]["passed"]:
         what = "VALIDATION FAILED" if results["validation"]["failed"] else "NOT VALIDATED: no check could be made"

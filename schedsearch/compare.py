@@ -27,7 +27,8 @@ COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune"}
 
 def add_commands(sub) -> dict:
     """Adds `compare` and `report` to the CLI's subparsers; returns {command: handler(args) -> exit code}."""
-    from .cli import _positive, add_cost_model_option, add_llm_options, add_runner_option, add_shared_memory_option
+    from .cli import (_positive, add_cost_model_option, add_library_option, add_llm_options, add_runner_option,
+                      add_shared_memory_option)
 
     c = sub.add_parser("compare", help="tune workloads with several strategies and seeds at equal budgets, "
                                        "time PyTorch baselines, write a report")
@@ -50,6 +51,7 @@ def add_commands(sub) -> dict:
     add_runner_option(c)
     add_cost_model_option(c)
     add_shared_memory_option(c)
+    add_library_option(c)
     add_llm_options(c)
 
     r = sub.add_parser("report", help="rebuild report.md and report.html of a comparison from its stored results")
@@ -64,15 +66,16 @@ def _add_peak_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_compare(args) -> int:
-    from .cli import llm_options
+    from .cli import llm_options, strategy_options
     from .llm_client import PendingResponses
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     llm = llm_options(args, "llm") if "llm" in strategies else {}
-    hybrid = llm_options(args, "hybrid") if "hybrid" in strategies else {}  # {"llm": None, ...}: no model
+    hybrid = strategy_options(args, "hybrid") if "hybrid" in strategies else {}  # {"llm": None, ...}: no model
+    rules = strategy_options(args, "rules") if "rules" in strategies else {}
     out = Path(args.output)
     summary = compare(args.workloads, out, strategies, args.trials, args.seeds, size=args.size, target_name=args.target,
-                      validation_seeds=args.validation_seeds, repeats=args.repeats, llm=llm, hybrid=hybrid,
+                      validation_seeds=args.validation_seeds, repeats=args.repeats, llm=llm, hybrid=hybrid, rules=rules,
                       arms_from=Path(args.arms_from) if args.arms_from else None,
                       compile_baselines=not args.no_compile_baselines,
                       peaks={"tflops": args.peak_tflops, "gbs": args.peak_gbs},
@@ -102,7 +105,7 @@ def arm_name(strategy: str, seed: int) -> str:
 
 def compare(workload_paths: list[str], out: Path, strategies: list[str], trials: int, seeds: int, *,
             size: str = "default", target_name: str = "auto", validation_seeds: int = 3, repeats: int = 20,
-            llm: dict | None = None, hybrid: dict | None = None, arms_from: Path | None = None, compile_baselines: bool = True,
+            llm: dict | None = None, hybrid: dict | None = None, rules: dict | None = None, arms_from: Path | None = None, compile_baselines: bool = True,
             peaks: dict | None = None, command: list[str] | None = None, runner_spec: str = "local",
             parallel: int = 1, cost_model: str = "none", shared_memory: str = "stock") -> dict:
     """Runs (or resumes) every arm and the baselines. Returns {"errors": {arm: traceback}, "invalid": [arm],
@@ -146,7 +149,7 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
         "workloads": [{"name": w.name, "path": str(w.path)} for w in loaded],
         "validation_seeds": validation_seeds, "repeats": repeats, "compile_baselines": compile_baselines,
         "peaks": peaks or {}, "llm": {k: v for k, v in (llm or {}).items() if k != "client"},
-        **({"hybrid": hybrid} if hybrid else {}),
+        **({"hybrid": hybrid} if hybrid else {}), **({"rules": rules} if rules else {}),
         "arms_from": str(arms_from) if arms_from else None, "parallel": parallel, "cost_model": cost_model})
 
     jobs = []  # baselines first: on several GPUs they then run while the first arms tune
@@ -166,7 +169,7 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
                     print(f"{wl.name}/{arm_name(strategy, seed)}: finished earlier, skipped", file=sys.stderr)
     settings = {"out": str(out), "workloads": {w.name: str(w.path) for w in loaded}, "size": size,
                 "target": target.kind.name, "target_str": str(target), "trials": trials,
-                "validation_seeds": validation_seeds, "repeats": repeats, "llm": llm or {}, "hybrid": hybrid or {},
+                "validation_seeds": validation_seeds, "repeats": repeats, "llm": llm or {}, "hybrid": hybrid or {}, "rules": rules or {},
                 "compile_baselines": compile_baselines, "command": command, "runner_spec": runner_spec,
                 "cost_model": cost_model, "shared_memory": shared_memory}
     if parallel > 1:
@@ -220,7 +223,7 @@ def _run_job(job: dict, settings: dict, context: dict) -> dict:
         tune_workload(wl, target, run, strategy=strategy, trials=trials, seed=seed,
                       validation_seeds=settings["validation_seeds"], repeats=settings["repeats"],
                       command=settings["command"],
-                      strategy_options=settings.get(strategy) if strategy in ("llm", "hybrid") else None,
+                      strategy_options=settings.get(strategy) if strategy in ("llm", "hybrid", "rules") else None,
                       runner_spec=settings["runner_spec"], cost_model=settings.get("cost_model"),
                       shared_memory=settings.get("shared_memory", "stock"))
     except PendingResponses as e:

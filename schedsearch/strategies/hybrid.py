@@ -274,21 +274,25 @@ class HybridSearch(ms.search_strategy.PySearchStrategy):
 
 
 def make_hybrid_strategy(target, seed: int = 0, run=None, llm: str | None = None,
-                         stall_trials: int = HybridOptions.stall_trials, **llm_options):
-    """-> factory `task -> HybridSearch`; `llm` None: the rules proposer alone makes the proposal rounds."""
+                         stall_trials: int = HybridOptions.stall_trials, library: str | None = None, **llm_options):
+    """-> factory `task -> HybridSearch`; `llm` None: the program library's programs for the task (`library`:
+    --library's none | auto | PATH), then the rules proposer's, make the proposal rounds."""
     from ..target import facts
 
     options = HybridOptions(stall_trials=stall_trials)
     target_facts = facts(target)
-    client = None
+    client, lib = None, None
     if llm:
         from .llm import make_llm_proposer
         llm_for = make_llm_proposer(run=run, target_facts=target_facts, seed=seed, llm=llm, **llm_options)
         client = llm_for.client
         proposer_for = lambda task: FirstAnswer([llm_for(task), RuleProposer()])
     else:
-        proposer_for = lambda task: RuleProposer()
+        from .. import library as libraries
+        from .from_library import library_first
+        lib = libraries.load(library, target.kind.name)
+        proposer_for = library_first(lib, target.kind.name, lambda task: RuleProposer())
     factory = search_factory("hybrid", proposer_for, target_facts, seed, client,
-                             wrap=lambda search: HybridSearch(search, options), run=run)
+                             wrap=lambda search: HybridSearch(search, options), run=run, library=lib)
     factory.cost_model_warmup = options.cost_model_warmup
     return factory

@@ -458,25 +458,31 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
                               self.max_empty_rounds, self.seed, self.history_path, self.remeasure_best)
 
 
-def make_proposal_strategy(name: str, target, seed: int = 0, run=None, **options):
-    """-> factory `task -> ProposalSearch`, with `.stats()`: round timings (and LLM usage) for results.json."""
+def make_proposal_strategy(name: str, target, seed: int = 0, run=None, library: str | None = None, **options):
+    """-> factory `task -> ProposalSearch`, with `.stats()`: round timings (and LLM usage) for results.json.
+    `library` (rules): --library's none | auto | PATH, whose programs make a task's first round."""
     from ..target import facts
 
     target_facts = facts(target)
+    lib = None
     if name == "rules":
+        from .. import library as libraries
+        from .from_library import library_first
         from .rules import RuleProposer
-        proposer_for = lambda task: RuleProposer()
+        lib = libraries.load(library, target.kind.name)
+        proposer_for = library_first(lib, target.kind.name, lambda task: RuleProposer())
     else:
         from .llm import make_llm_proposer
         proposer_for = make_llm_proposer(run=run, target_facts=target_facts, seed=seed, **options)
     return search_factory(name, proposer_for, target_facts, seed, getattr(proposer_for, "client", None), run=run,
-                          remeasure_best=name == "llm")
+                          remeasure_best=name == "llm", library=lib)
 
 
 def search_factory(name: str, proposer_for, target_facts: dict, seed: int, client=None, wrap=None, run=None,
-                   remeasure_best: bool = False):
+                   remeasure_best: bool = False, library=None):
     """-> factory `task -> ProposalSearch` (or `wrap(ProposalSearch)`), with `.stats()` for results.json.
-    `run`: its proposals.jsonl keeps the history; `remeasure_best`: see ProposalSearch."""
+    `run`: its proposals.jsonl keeps the history; `remeasure_best`: see ProposalSearch; `library`: the program
+    library `proposer_for` draws on (library_first), recorded with its programs per task."""
     searches: list = []
 
     def factory(task):
@@ -493,6 +499,8 @@ def search_factory(name: str, proposer_for, target_facts: dict, seed: int, clien
             out["mean_round_s_besides_measurement"] = sum(r["total_s"] for r in rounds) / len(rounds)
         if wrap is not None:
             out["phases"] = {s.proposals.context.task_name: s.phases for s in searches}
+        if library is not None:
+            out["library"] = {**library.record(), "programs_per_task": proposer_for.matched}
         if client is not None:
             out["llm"] = client.usage()
             out["failed_rounds"] = [r for s in inner for r in getattr(s.proposer, "failed_rounds", [])]
