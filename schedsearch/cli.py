@@ -7,26 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from . import compare, export, rpc
+from . import compare, export, rpc, strategies
 from .errors import INTERRUPTED, INTERRUPTED_MESSAGE, UserError, catch_interrupts, os_error_message
-
-
-def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
-    try:
-        name, dims = text.split("=", 1)
-        return name, tuple(int(d) for d in dims.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,..., got {text!r}") from None
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
+from .options import add_cost_model_option, add_llm_options, add_runner_option, llm_options, positive, shape_arg
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,15 +21,15 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="tune a workload and write a run directory")
     t.add_argument("workload", help="KernelBench-format .py problem file or .onnx file")
     t.add_argument("-o", "--output", help="run directory (default runs/<workload>-<strategy>)")
-    t.add_argument("--strategy", default="ansor", help="ansor | rules | llm | hybrid (default ansor)")
-    t.add_argument("--trials", type=_positive, default=64, help="hardware measurements per task (default 64)")
+    t.add_argument("--strategy", default="ansor", help=f"{' | '.join(strategies.NAMES)} (default ansor)")
+    t.add_argument("--trials", type=positive, default=64, help="hardware measurements per task (default 64)")
     t.add_argument("--target", default="auto", help="auto | llvm | cuda | 'llvm -mcpu=CPU [-mattr=+F,-G] [-num-cores=N]' (auto: cuda if a GPU is visible, else llvm for this CPU)")
     t.add_argument("--size", default="default", help="workload size from its SIZES dict, e.g. small")
-    t.add_argument("--input-shape", type=_shape_arg, action="append", default=[],
+    t.add_argument("--input-shape", type=shape_arg, action="append", default=[],
                    help="NAME=D0,D1,... for an ONNX input with dynamic dimensions (repeatable)")
     t.add_argument("--seed", type=int, default=0, help="search seed")
-    t.add_argument("--validation-seeds", type=_positive, default=3, help="seeds per input distribution (default 3)")
-    t.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")
+    t.add_argument("--validation-seeds", type=positive, default=3, help="seeds per input distribution (default 3)")
+    t.add_argument("--repeats", type=positive, default=20, help="timed calls per measurement (default 20)")
     add_runner_option(t)
     add_cost_model_option(t)
     add_llm_options(t)
@@ -64,52 +47,6 @@ def parser() -> argparse.ArgumentParser:
                    help="fraction of each workload's records kept out for the ranking score (default 0.2)")
     m.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
     return p
-
-
-def add_runner_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runner", default="local", metavar="SPEC",
-                   help="where candidates are measured: local | rpc://HOST:PORT/KEY (see `schedsearch tracker`)")
-
-
-def add_cost_model_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cost-model", default="none", metavar="SPEC",
-                   help="where every strategy's XGBoost cost model starts: none (default: from nothing) | auto "
-                        "(cost_models/<this device>/ if there, else none) | DIR (from train-cost-model) | FILE "
-                        "(a run's cost_model.tar, same device; unpickled, so trusted run dirs only)")
-
-
-def add_llm_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("LLM search (--strategy llm, hybrid)")
-    g.add_argument("--llm", metavar="SPEC",
-                   help="openai (OPENAI_BASE_URL, OPENAI_API_KEY) | replay:TRANSCRIPT.jsonl | files:DIR "
-                        "(default openai; for hybrid, openai when OPENAI_BASE_URL is set, else no model: rules)")
-    g.add_argument("--llm-model", help="model name (default: OPENAI_MODEL, else the endpoint's first model)")
-    g.add_argument("--llm-concurrency", type=_positive, default=8, help="requests in flight at once (default 8)")
-    g.add_argument("--llm-ideas", type=_positive, default=4, help="ideas asked for per round (default 4)")
-    g.add_argument("--llm-programs-per-idea", type=_positive, default=2, help="programs per idea (default 2)")
-    g.add_argument("--llm-temperature", type=float, default=0.8)
-    g.add_argument("--llm-timeout", type=float, default=120.0, help="seconds per request (default 120)")
-    g.add_argument("--llm-price-in", type=float, default=0.0, help="USD per 1M prompt tokens, for the cost column")
-    g.add_argument("--llm-price-out", type=float, default=0.0, help="USD per 1M completion tokens")
-    g.add_argument("--no-wait", action="store_true",
-                   help="with --llm files:DIR, stop after writing requests instead of waiting for answers")
-    g.add_argument("--hybrid-stall-trials", type=_positive, default=64,
-                   help="hybrid: evolution trials without a 1%% faster kernel before the next proposal round (default 64)")
-
-
-def llm_options(args, strategy: str | None = None) -> dict:
-    """The LLM's options for `strategy` (default: args.strategy); hybrid without a model gets {"llm": None}."""
-    strategy = strategy or args.strategy
-    if strategy not in ("llm", "hybrid"):
-        return {}
-    llm = args.llm or ("openai" if strategy == "llm" or os.environ.get("OPENAI_BASE_URL") else None)
-    hybrid = {"stall_trials": args.hybrid_stall_trials} if strategy == "hybrid" else {}
-    if llm is None:
-        return {"llm": None, **hybrid}
-    return {**hybrid, "llm": llm, "llm_model": args.llm_model, "concurrency": args.llm_concurrency,
-            "ideas": args.llm_ideas, "programs_per_idea": args.llm_programs_per_idea,
-            "temperature": args.llm_temperature, "timeout_s": args.llm_timeout,
-            "price_in": args.llm_price_in, "price_out": args.llm_price_out, "wait": not args.no_wait}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +94,7 @@ def cmd_workloads(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    options = llm_options(args)  # an unknown strategy is refused first: nothing imported, loaded or written
     from . import target as targets, workload as workloads
     from .report import summary_table
     from .rundir import RunDir
@@ -169,7 +107,7 @@ def cmd_tune(args) -> int:
           f"({targets.facts(target)['name']}), {args.trials} trials per task -> {run.root}", file=sys.stderr)
     results = tune_workload(wl, target, run, strategy=args.strategy, trials=args.trials, seed=args.seed,
                             validation_seeds=args.validation_seeds, repeats=args.repeats,
-                            command=args.command_line, strategy_options=llm_options(args),
+                            command=args.command_line, strategy_options=options,
                             cost_model=args.cost_model, runner_spec=args.runner)
     print(summary_table(results))
     if not results["validation"]["passed"]:

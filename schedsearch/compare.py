@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 
 from .errors import INTERRUPTED, DamagedFile, UserError
+from .options import add_cost_model_option, add_llm_options, add_runner_option, llm_options, positive
 from .rundir import RunDir, write_json
 
 SCHEMA = 1
@@ -27,21 +28,19 @@ COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune"}
 
 def add_commands(sub) -> dict:
     """Adds `compare` and `report` to the CLI's subparsers; returns {command: handler(args) -> exit code}."""
-    from .cli import _positive, add_cost_model_option, add_llm_options, add_runner_option
-
     c = sub.add_parser("compare", help="tune workloads with several strategies and seeds at equal budgets, "
                                        "time PyTorch baselines, write a report")
     c.add_argument("workloads", nargs="+", help="KernelBench-format .py problem files")
     c.add_argument("-o", "--output", required=True, help="comparison directory")
     c.add_argument("--strategies", default="ansor,llm", help="comma-separated: ansor, rules, llm, hybrid (default ansor,llm)")
-    c.add_argument("--trials", type=_positive, default=64, help="hardware measurements per task and arm (default 64)")
-    c.add_argument("--seeds", type=_positive, default=3, help="search seeds per strategy: 0..N-1 (default 3)")
+    c.add_argument("--trials", type=positive, default=64, help="hardware measurements per task and arm (default 64)")
+    c.add_argument("--seeds", type=positive, default=3, help="search seeds per strategy: 0..N-1 (default 3)")
     c.add_argument("--size", default="default", help="workload size from each file's SIZES dict, e.g. small")
     c.add_argument("--target", default="auto", help="auto | llvm | cuda | 'llvm -mcpu=CPU ...'")
-    c.add_argument("--validation-seeds", type=_positive, default=3, help="seeds per input distribution (default 3)")
-    c.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")
+    c.add_argument("--validation-seeds", type=positive, default=3, help="seeds per input distribution (default 3)")
+    c.add_argument("--repeats", type=positive, default=20, help="timed calls per measurement (default 20)")
     c.add_argument("--arms-from", metavar="DIR", help="copy finished arms of an earlier comparison instead of tuning")
-    c.add_argument("--parallel", type=_positive, default=1, metavar="N",
+    c.add_argument("--parallel", type=positive, default=1, metavar="N",
                    help="run N jobs at once, one process each, CPU cores split between them; on CUDA each "
                         "process gets its own GPU (default 1). On CPU targets parallel measurements disturb "
                         "each other: use it there for smoke tests only")
@@ -63,15 +62,14 @@ def _add_peak_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_compare(args) -> int:
-    from .cli import llm_options
     from .llm_client import PendingResponses
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    llm = llm_options(args, "llm") if "llm" in strategies else {}
-    hybrid = llm_options(args, "hybrid") if "hybrid" in strategies else {}  # {"llm": None, ...}: no model
+    _check_strategies(strategies)
     out = Path(args.output)
     summary = compare(args.workloads, out, strategies, args.trials, args.seeds, size=args.size, target_name=args.target,
-                      validation_seeds=args.validation_seeds, repeats=args.repeats, llm=llm, hybrid=hybrid,
+                      validation_seeds=args.validation_seeds, repeats=args.repeats,
+                      strategy_options={s: llm_options(args, s) for s in strategies},
                       arms_from=Path(args.arms_from) if args.arms_from else None,
                       compile_baselines=not args.no_compile_baselines,
                       peaks={"tflops": args.peak_tflops, "gbs": args.peak_gbs},
@@ -95,20 +93,8 @@ def cmd_report(args) -> int:
     return 0
 
 
-def arm_name(strategy: str, seed: int) -> str:
-    return f"{strategy}-s{seed}"
-
-
-def compare(workload_paths: list[str], out: Path, strategies: list[str], trials: int, seeds: int, *,
-            size: str = "default", target_name: str = "auto", validation_seeds: int = 3, repeats: int = 20,
-            llm: dict | None = None, hybrid: dict | None = None, arms_from: Path | None = None, compile_baselines: bool = True,
-            peaks: dict | None = None, command: list[str] | None = None, runner_spec: str = "local",
-            parallel: int = 1, cost_model: str = "none") -> dict:
-    """Runs (or resumes) every arm and the baselines. Returns {"errors": {arm: traceback}, "invalid": [arm],
-    "pending": [PendingResponses]}: one arm failing does not stop the others. `cost_model`: where every arm's
-    XGBoost model starts (cost_models.start)."""
-    from . import cost_models, strategies as known, target as targets, workload as workloads
-    from .llm_client import PendingResponses
+def _check_strategies(strategies: list[str]) -> None:
+    from . import strategies as known
 
     unknown = [s for s in strategies if s not in known.NAMES]
     if unknown or not strategies:
@@ -116,6 +102,24 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
                         f"choose from {', '.join(known.NAMES)}")
     if len(set(strategies)) != len(strategies):
         raise UserError(f"--strategies names a strategy twice: {','.join(strategies)}")
+
+
+def arm_name(strategy: str, seed: int) -> str:
+    return f"{strategy}-s{seed}"
+
+
+def compare(workload_paths: list[str], out: Path, strategies: list[str], trials: int, seeds: int, *,
+            size: str = "default", target_name: str = "auto", validation_seeds: int = 3, repeats: int = 20,
+            strategy_options: dict[str, dict] | None = None, arms_from: Path | None = None, compile_baselines: bool = True,
+            peaks: dict | None = None, command: list[str] | None = None, runner_spec: str = "local",
+            parallel: int = 1, cost_model: str = "none") -> dict:
+    """Runs (or resumes) every arm and the baselines. Returns {"errors": {arm: traceback}, "invalid": [arm],
+    "pending": [PendingResponses]}: one arm failing does not stop the others. `strategy_options`: {strategy:
+    its options (options.llm_options)}; `cost_model`: where every arm's XGBoost model starts (cost_models.start)."""
+    from . import cost_models, target as targets, workload as workloads
+    from .llm_client import PendingResponses
+
+    _check_strategies(strategies)
     if arms_from is not None and not (arms_from / "compare.json").is_file():
         raise UserError(f"--arms-from {arms_from}: not a comparison directory (no compare.json)")
     loaded = [workloads.load(p, size) for p in workload_paths]
@@ -138,8 +142,8 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
         "trials_per_task": trials, "size": size, "target": str(target),
         "workloads": [{"name": w.name, "path": str(w.path)} for w in loaded],
         "validation_seeds": validation_seeds, "repeats": repeats, "compile_baselines": compile_baselines,
-        "peaks": peaks or {}, "llm": {k: v for k, v in (llm or {}).items() if k != "client"},
-        **({"hybrid": hybrid} if hybrid else {}),
+        "peaks": peaks or {},
+        **{s: {k: v for k, v in o.items() if k != "client"} for s, o in (strategy_options or {}).items() if o},
         "arms_from": str(arms_from) if arms_from else None, "parallel": parallel, "cost_model": cost_model})
 
     jobs = []  # baselines first: on several GPUs they then run while the first arms tune
@@ -159,7 +163,7 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
                     print(f"{wl.name}/{arm_name(strategy, seed)}: finished earlier, skipped", file=sys.stderr)
     settings = {"out": str(out), "workloads": {w.name: str(w.path) for w in loaded}, "size": size,
                 "target": target.kind.name, "target_str": str(target), "trials": trials,
-                "validation_seeds": validation_seeds, "repeats": repeats, "llm": llm or {}, "hybrid": hybrid or {},
+                "validation_seeds": validation_seeds, "repeats": repeats, "strategy_options": strategy_options or {},
                 "compile_baselines": compile_baselines, "command": command, "runner_spec": runner_spec,
                 "cost_model": cost_model}
     if parallel > 1:
@@ -213,7 +217,7 @@ def _run_job(job: dict, settings: dict, context: dict) -> dict:
         tune_workload(wl, target, run, strategy=strategy, trials=trials, seed=seed,
                       validation_seeds=settings["validation_seeds"], repeats=settings["repeats"],
                       command=settings["command"],
-                      strategy_options=settings.get(strategy) if strategy in ("llm", "hybrid") else None,
+                      strategy_options=settings["strategy_options"].get(strategy) or None,
                       runner_spec=settings["runner_spec"], cost_model=settings.get("cost_model"))
     except PendingResponses as e:
         return {"label": label, "pending": (e.directory, e.paths)}

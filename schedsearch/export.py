@@ -428,7 +428,7 @@ def _load_with_workload(path: str | Path):
 
 def add_commands(sub) -> dict:
     """Adds export, build and run to an argparse subparsers object; returns {command: handler}."""
-    from .cli import _positive, _shape_arg
+    from .options import positive, shape_arg
 
     e = sub.add_parser("export", help="package a tuned run directory as a loadable module")
     e.add_argument("run_dir", help="run directory written by `schedsearch tune`")
@@ -440,14 +440,14 @@ def add_commands(sub) -> dict:
     b.add_argument("-o", "--output", help="dist directory (default dist/<workload>)")
     b.add_argument("--size", default="default", help="workload size from its SIZES dict, e.g. small")
     b.add_argument("--target", default="auto", help="auto | llvm | cuda | 'llvm -mcpu=CPU [-mattr=+F,-G] [-num-cores=N]' (auto: cuda if a GPU is visible, else llvm for this CPU)")
-    b.add_argument("--input-shape", type=_shape_arg, action="append", default=[],
+    b.add_argument("--input-shape", type=shape_arg, action="append", default=[],
                    help="NAME=D0,D1,... for an ONNX input with dynamic dimensions (repeatable)")
 
     r = sub.add_parser("run", help="time an exported module against PyTorch eager; --check validates it too")
     r.add_argument("dist", help="dist directory written by export or build")
     r.add_argument("--check", action="store_true", help="validate against the PyTorch reference first")
-    r.add_argument("--seeds", type=_positive, default=3, help="seeds per input distribution (default 3)")
-    r.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")
+    r.add_argument("--seeds", type=positive, default=3, help="seeds per input distribution (default 3)")
+    r.add_argument("--repeats", type=positive, default=20, help="timed calls per measurement (default 20)")
     return {"export": cmd_export, "build": cmd_build, "run": cmd_run}
 
 

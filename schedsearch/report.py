@@ -10,7 +10,7 @@ import shlex
 import statistics
 from pathlib import Path
 
-from . import timing
+from . import strategies, timing
 from .validate import verdict
 
 
@@ -93,7 +93,6 @@ PEAKS = [
 ]
 
 BASELINES = {"eager": "PyTorch eager", "compile": "torch.compile", "compile-max-autotune": "torch.compile max-autotune"}
-COLORS = {"ansor": "#1f77b4", "llm": "#d62728", "rules": "#2ca02c", "hybrid": "#9467bd"}
 ALL_TASKS = "all tasks"
 
 
@@ -171,7 +170,7 @@ def convergence_png(title: str, series: dict[str, list[list[float | None]]]) -> 
         xs, lo, med, hi = band(curves)
         if not xs:
             continue
-        color = COLORS.get(strategy, f"C{i + 3}")
+        color = strategies.STRATEGIES[strategy].color if strategy in strategies.STRATEGIES else f"C{i + 3}"
         ax.fill_between(xs, lo, hi, step="post", color=color, alpha=0.18, linewidth=0)
         ax.vlines(xs[-1], lo[-1], hi[-1], color=color, alpha=0.5, linewidth=4)  # the final spread, even for one point
         ax.step(xs, med, where="post", color=color, linewidth=1.8, marker="o" if len(xs) <= 40 else None,
@@ -298,17 +297,17 @@ def _convergence(wls: list[_Workload]) -> list[tuple]:
 
 
 def _efficiency(wls: list[_Workload]) -> list[tuple]:
-    out = [("h2", "Sample efficiency")]
-    if not any("ansor" in wl.strategies for wl in wls):
-        return out + [("p", "No ansor arm in this comparison: nothing to measure sample efficiency against.")]
-    out.append(("p", "Trials each arm needed to come within 90% of Ansor's final best (latency <= best / 0.9) and "
-                     "to match it (latency <= best). Ansor's final best: the median over its seeds (the upper middle "
-                     "one for an even count). Cells: median over seeds (the lower middle one for an even count), "
+    out, arm = [("h2", "Sample efficiency")], strategies.REFERENCE
+    if not any(arm in wl.strategies for wl in wls):
+        return out + [("p", f"No {arm} arm in this comparison: nothing to measure sample efficiency against.")]
+    out.append(("p", f"Trials each arm needed to come within 90% of {arm.capitalize()}'s final best (latency <= best "
+                     f"/ 0.9) and to match it (latency <= best). {arm.capitalize()}'s final best: the median over its "
+                     "seeds (the upper middle one for an even count). Cells: median over seeds (the lower middle one for an even count), "
                      "'never' when more than half the seeds never got there; in brackets, the seeds that did."))
     rows = []
     for wl in wls:
         for task in wl.curve_names():
-            finals = [c[-1] for c in wl.curves("ansor", task) if c and c[-1] is not None]
+            finals = [c[-1] for c in wl.curves(arm, task) if c and c[-1] is not None]
             if not finals:
                 continue
             ref = statistics.median_high(finals)
@@ -321,7 +320,7 @@ def _efficiency(wls: list[_Workload]) -> list[tuple]:
                     got = sum(h is not None for h in hits)
                     cells.append(f"{'never' if med == math.inf else f'{med:g}'} ({got}/{len(hits)})")
                 rows.append([wl.name, task, s, fmt_us(ref), *cells])
-    return out + [("table", ["workload", "task", "arm", "ansor final best", "trials to 90%", "trials to 100%"], rows)]
+    return out + [("table", ["workload", "task", "arm", f"{arm} final best", "trials to 90%", "trials to 100%"], rows)]
 
 
 def _final(wls: list[_Workload], peak: dict | None, exp: dict) -> list[tuple]:
@@ -451,13 +450,7 @@ def _environment(data: dict, wls: list[_Workload], peak: dict | None) -> list[tu
 def _notes(data: dict, wls: list[_Workload], peak: dict | None) -> list[str]:
     exp = data["experiment"]
     notes = []
-    if "rules" in exp["strategies"]:
-        notes.append("rules is a rule-based proposer with no language model: it redraws decisions of MetaSchedule's "
-                     "own design-space sketches and of the best programs so far. It is a control arm, not an LLM.")
-    if "hybrid" in exp["strategies"]:
-        notes.append("hybrid measures proposals (the LLM's programs, else the rules proposer's) and continues with "
-                     "MetaSchedule's evolutionary search from them, back to proposals when evolution stalls; "
-                     "its results.json says per task which trials came from which.")
+    notes += [s.note for s in strategies.STRATEGIES.values() if s.note and s.name in exp["strategies"]]
     for wl in wls:
         notes += _arm_notes(wl, exp)
         notes += _speed_notes(wl)
@@ -515,15 +508,16 @@ def _speed_notes(wl: _Workload) -> list[str]:
     """Speedups inside the run-to-run spread, and where PyTorch was faster."""
     notes = []
     base = wl.timed_baselines()
-    ansor = wl.latencies("ansor") if "ansor" in wl.strategies else []
+    arm = strategies.REFERENCE
+    reference = wl.latencies(arm) if arm in wl.strategies else []
     for s in wl.strategies:
         lat = wl.latencies(s)
         if not lat:
             continue
         m, noise = statistics.median(lat), wl.noise(s)
         others = [(BASELINES[k], b["median_us"], timing.spread(b)) for k, b in base.items()]
-        if s != "ansor" and ansor:
-            others.append(("ansor", statistics.median(ansor), wl.noise("ansor")))
+        if s != arm and reference:
+            others.append((arm, statistics.median(reference), wl.noise(arm)))
         for name, other, other_noise in others:
             if abs(m - other) <= max(noise * m, other_noise * other):
                 notes.append(f"{wl.name}: the difference between {s} and {name} (speedup {other / m:.2f}x) is within "
@@ -538,9 +532,9 @@ def _llm_notes(wls: list[_Workload]) -> list[str]:
     notes = []
     backends: dict[tuple, list[str]] = {}
     for wl in wls:
-        for strategy, a in [(s, a) for s in ("llm", "hybrid") for a in wl.done.get(s, [])]:
+        for strategy, a in [(s, a) for s in wl.strategies for a in wl.done.get(s, [])]:
             u = a["results"].get("search", {}).get("llm")
-            if u is None:  # hybrid without a model
+            if u is None:  # no LLM in this strategy, or hybrid without a model
                 continue
             key = (u.get("backend", "unknown"), u.get("model"), bool(u.get("tokens_estimated")))
             backends.setdefault(key, []).append(f"{wl.name} {strategy} seed {a['seed']}")

@@ -51,7 +51,6 @@ def test_bad_workload_files(write_problem, tmp_path, capsys, body, message):
     (["--trials", "many"], "expected a positive integer, got 'many'"),
     (["--target", "tpu"], "unknown target 'tpu'"),
     (["--target", "cuda"], "--target cuda, but no CUDA GPU is visible"),
-    (["--strategy", "magic", "--size", "small"], "unknown strategy 'magic'"),
     (["--runner", "tcp://x", "--size", "small"], "expected local or rpc://HOST:PORT/KEY"),
 ])
 def test_bad_flags(args, message, capsys, tmp_path):
@@ -61,6 +60,22 @@ def test_bad_flags(args, message, capsys, tmp_path):
         rc = e.code
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tune", SOFTMAX, "--strategy", "magic"], "unknown strategy 'magic': choose from ansor, rules, llm, hybrid"),
+    (["compare", SOFTMAX, "--strategies", "ansor,magic"], "--strategies: unknown magic: choose from ansor, rules, "
+                                                          "llm, hybrid"),
+])
+def test_an_unknown_strategy_is_refused_before_any_work(tmp_path, args, message):
+    """One line, exit 2, before TVM or the workload is even imported, and nothing written: the right
+    command afterwards is not refused as "another strategy" by a run.json the wrong one left."""
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-c", "import sys; from schedsearch.cli import main; rc = main(sys.argv[1:]); "
+                        "print(rc, 'tvm' in sys.modules, 'torch' in sys.modules)", *args, "-o", str(out)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert (p.stdout.split(), p.stderr) == (["2", "False", "False"], f"schedsearch: error: {message}\n")
+    assert not out.exists()
 
 
 def test_a_directory_as_the_workload(tmp_path, capsys):

@@ -11,7 +11,7 @@ import sys
 
 from .. import schedule_lang
 from ..llm_client import LLMError, Request, make_client
-from .proposals import Outcome, Proposal, TaskView
+from .proposals import Outcome, Proposal, TaskView, search_factory
 
 SYSTEM = """You are an expert performance engineer who schedules tensor kernels with Apache TVM.
 You write schedule programs in a restricted language: one call per line on `sch`, exactly as TVM prints
@@ -144,3 +144,12 @@ def make_llm_proposer(run, target_facts: dict, seed: int = 0, llm: str = "openai
     factory = lambda task: LLMProposer(client, ideas, programs_per_idea, temperature, seed)
     factory.client = client
     return factory
+
+
+def make_llm_strategy(target, seed: int = 0, run=None, **options):
+    """-> factory `task -> ProposalSearch`, with `.stats()`: round timings and LLM usage for results.json."""
+    from ..target import facts
+
+    target_facts = facts(target)
+    proposer_for = make_llm_proposer(run=run, target_facts=target_facts, seed=seed, **options)
+    return search_factory("llm", proposer_for, target_facts, seed, proposer_for.client)

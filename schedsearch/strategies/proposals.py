@@ -285,20 +285,6 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
                               self.max_empty_rounds, self.seed)
 
 
-def make_proposal_strategy(name: str, target, seed: int = 0, run=None, **options):
-    """-> factory `task -> ProposalSearch`, with `.stats()`: round timings (and LLM usage) for results.json."""
-    from ..target import facts
-
-    target_facts = facts(target)
-    if name == "rules":
-        from .rules import RuleProposer
-        proposer_for = lambda task: RuleProposer()
-    else:
-        from .llm import make_llm_proposer
-        proposer_for = make_llm_proposer(run=run, target_facts=target_facts, seed=seed, **options)
-    return search_factory(name, proposer_for, target_facts, seed, getattr(proposer_for, "client", None))
-
-
 def search_factory(name: str, proposer_for, target_facts: dict, seed: int, client=None, wrap=None):
     """-> factory `task -> ProposalSearch` (or `wrap(ProposalSearch)`), with `.stats()` for results.json."""
     searches: list = []

@@ -14,7 +14,7 @@ import dataclasses
 
 
 from .. import schedule_lang
-from .proposals import Proposal, TaskView
+from .proposals import Proposal, TaskView, search_factory
 
 SAMPLERS = ("sample_perfect_tile", "sample_categorical", "sample_compute_location")
 
@@ -66,3 +66,10 @@ class RuleProposer:
 
     def record(self, outcomes, proposals) -> None:
         pass
+
+
+def make_rules_strategy(target, seed: int = 0, run=None):
+    """-> factory `task -> ProposalSearch`, with `.stats()`: round timings for results.json."""
+    from ..target import facts
+
+    return search_factory("rules", lambda task: RuleProposer(), facts(target), seed)
