@@ -110,8 +110,8 @@ def cmd_tune(args) -> int:
                             command=args.command_line, strategy_options=options,
                             cost_model=args.cost_model, runner_spec=args.runner)
     print(summary_table(results))
-    if not results["validation"]["passed"]:
-        what = "VALIDATION FAILED" if results["validation"]["failed"] else "NOT VALIDATED: no check could be made"
+    if not results.validation["passed"]:
+        what = "VALIDATION FAILED" if results.validation["failed"] else "NOT VALIDATED: no check could be made"
         print(f"schedsearch: error: {what} for {wl.name}: see {run.results}", file=sys.stderr)
         return 1
     return 0

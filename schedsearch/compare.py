@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import INTERRUPTED, DamagedFile, UserError
 from .options import add_cost_model_option, add_llm_options, add_runner_option, llm_options, positive
-from .rundir import RunDir, write_json
+from .rundir import Results, RunDir, write_json
 
 SCHEMA = 1
 COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune"}
@@ -188,7 +188,7 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
         for strategy in strategies:
             for seed in range(seeds):
                 results = finished(RunDir(out / wl.name / arm_name(strategy, seed)), wl, target, trials)
-                if results is not None and not results["validation"]["passed"]:
+                if results is not None and not results.validation["passed"]:
                     summary["invalid"].append(f"{wl.name}/{arm_name(strategy, seed)}")
     return summary
 
@@ -355,7 +355,7 @@ def _run_parallel(jobs: list[dict], settings: dict, n: int, gpu: bool) -> list[d
     return outcomes
 
 
-def finished(run: RunDir, workload, target, trials: int) -> dict | None:
+def finished(run: RunDir, workload, target, trials: int) -> Results | None:
     """The arm's results if it already spent exactly this budget on this workload/size/target, else None."""
     if not run.results.is_file():
         return None
@@ -364,12 +364,12 @@ def finished(run: RunDir, workload, target, trials: int) -> dict | None:
     except DamagedFile as e:  # the arm is tuned again: it spends only the trials still missing, then rewrites it
         print(f"schedsearch: warning: {e.path} is damaged: rebuilding it from the arm's database", file=sys.stderr)
         return None
-    if (res["workload"]["sha256"], res["workload"]["size"], res["target"]) != (workload.sha256, workload.size, str(target)):
+    if (res.workload["sha256"], res.workload["size"], res.target) != (workload.sha256, workload.size, str(target)):
         raise UserError(f"{run.root} holds a run of another workload, size or target: choose another -o")
-    if res["trials_per_task"] > trials:
-        raise UserError(f"{run.root} already spent {res['trials_per_task']} trials per task, more than --trials "
+    if res.trials_per_task > trials:
+        raise UserError(f"{run.root} already spent {res.trials_per_task} trials per task, more than --trials "
                         f"{trials}: an unequal budget is no comparison; choose another -o or --trials")
-    return res if res["trials_per_task"] == trials else None
+    return res if res.trials_per_task == trials else None
 
 
 def _reuse(source: RunDir, run: RunDir, workload, target, trials: int) -> None:

@@ -40,21 +40,21 @@ def export_run(run_dir: str | Path, dist_dir: str | Path) -> dict:
         res = run.read_results()
     except (ValueError, KeyError) as e:
         raise UserError(str(e)) from e
-    vouched = res.get("module")  # None in runs made before results.json named its module
+    vouched = res.module  # None in runs made before results.json named its module
     if vouched is not None and file_identity(run.module) != vouched:
         raise UserError(f"{run.module} is not the module {run.results.name} validated (its size or sha256 differs: "
                         "a tune was stopped between writing the two): run the same tune command again, then export")
-    if not res["validation"]["passed"] and res["validation"]["failed"]:
-        raise UserError(f"{run.root}: the module FAILED validation when it was tuned ({res['validation']['failed']} "
-                        f"of {res['validation']['checks']} checks): it computes something else, not exporting it")
-    if not res["validation"]["passed"]:
+    if not res.validation["passed"] and res.validation["failed"]:
+        raise UserError(f"{run.root}: the module FAILED validation when it was tuned ({res.validation['failed']} "
+                        f"of {res.validation['checks']} checks): it computes something else, not exporting it")
+    if not res.validation["passed"]:
         raise UserError(f"{run.root}: no validation check could be made when it was tuned (the reference was NaN/Inf "
                         "everywhere: declare the inputs' domains with INPUT_DOMAINS and tune again): not exporting it")
-    wl = res["workload"]
+    wl = res.workload
     source = _checked_source(Path(wl["path"]), wl["sha256"], f"the workload recorded in {run.results}")
     inputs = wl["inputs"]
     outputs = _output_specs(source if source.suffix == ".onnx" else run.onnx, {i["name"]: i["shape"] for i in inputs})
-    device = res["device"]
+    device = res.device
     with _staged(Path(dist_dir)) as dist:
         shutil.copytree(run.database, dist / DATABASE)
         shutil.copyfile(run.module, dist / MODULE)
@@ -63,15 +63,15 @@ def export_run(run_dir: str | Path, dist_dir: str | Path) -> dict:
             raise UserError(f"{run.module} changed while it was exported: export again")
         manifest = {
             "schema": MANIFEST_SCHEMA, "made_by": "export", "inputs": inputs, "outputs": outputs,
-            "target": res["target"], "target_kind": device["kind"], "arch": _arch(device),
-            "device": device, "versions": res["versions"],
+            "target": res.target, "target_kind": device["kind"], "arch": _arch(device),
+            "device": device, "versions": res.versions,
             "workload": {**_copy_workload(source, wl["sha256"], wl["size"], wl["name"], dist),
                          "weights_sha256": wl.get("weights_sha256")},  # None where tune did not record it
             "module": module,
-            "strategy": res["strategy"], "trials_per_task": res["trials_per_task"],
-            "tasks": [{k: v for k, v in t.items() if k != "curve"} for t in res["tasks"]],
-            "validation": res["validation"], "timing": res["timing"],
-            "source": {"run_dir": str(run.root.resolve()), "command": res.get("command")},
+            "strategy": res.strategy, "trials_per_task": res.trials_per_task,
+            "tasks": [{k: v for k, v in t.items() if k != "curve"} for t in res.tasks],
+            "validation": res.validation, "timing": res.timing,
+            "source": {"run_dir": str(run.root.resolve()), "command": res.command},
         }
         write_json(dist / MANIFEST, manifest)
     return manifest

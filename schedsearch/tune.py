@@ -22,7 +22,7 @@ from tvm.ir.utils import derived_object
 from . import cost_models, measure
 from .errors import DISK_FULL, INTERRUPTED, DiskFull, UserError, disk_nearly_full, note_disk_full, searching
 from .frontend import Task
-from .rundir import (RECORDS, RunDir, append_line, drop_cut_tail, file_identity, open_database, repair_database,
+from .rundir import (RECORDS, Results, RunDir, append_line, drop_cut_tail, file_identity, open_database, repair_database,
                      write_bytes)
 
 
@@ -372,8 +372,8 @@ def _log_to_file(path: Path) -> None:
 def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: str = "ansor", trials: int = 64,
                   seed: int = 0, validation_seeds: int = 3, repeats: int = 20, command: list[str] | None = None,
                   strategy_options: dict | None = None, cost_model: str | Path | None = None,
-                  runner_spec: str = "local") -> dict:
-    """The whole job: tasks -> search -> compile -> validate -> time -> run dir. Returns results.json's data.
+                  runner_spec: str = "local") -> Results:
+    """The whole job: tasks -> search -> compile -> validate -> time -> run dir. Returns what results.json holds.
     `cost_model`: --cost-model's none | auto | DIR | FILE (cost_models.start).
     One process at a time per run dir (RunDir.locked)."""
     from . import rpc
@@ -388,7 +388,7 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: st
 
 
 def _tune_locked(workload, target, run: RunDir, strategy, trials, seed, validation_seeds, repeats, command,
-                 strategy_options, model_start, runner_spec, rpc_at, t0) -> dict:
+                 strategy_options, model_start, runner_spec, rpc_at, t0) -> Results:
     from . import frontend, rpc, strategies
 
     _check_same_run(run, workload_sha256=workload.sha256, size=workload.size, target=str(target), strategy=strategy)
@@ -440,10 +440,9 @@ def disk_full_means(directory: Path):
 
 def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy, trials, seed, validation_seeds,
                             repeats, command, strategy_options, runner_spec, factory, model_start, tuning_s,
-                            t0) -> dict:
+                            t0) -> Results:
     from . import frontend, target as targets
     from .evaluate import evaluate
-    from .rundir import SCHEMA, write_json
     from .runtime import CompiledModule
     from .validate import DISTRIBUTIONS
 
@@ -459,29 +458,25 @@ def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy
               "against PyTorch eager")
     measured = evaluate(workload, module, seeds=validation_seeds, repeats=repeats)
 
-    results = {
-        "schema": SCHEMA,
-        "workload": {"name": workload.name, "path": str(workload.path), "sha256": workload.sha256,
-                     "weights_sha256": workload.weights_sha256,
-                     "size": workload.size,
-                     "inputs": [{"name": n, "shape": list(s), "dtype": str(d).replace("torch.", "")}
-                                for n, (s, d) in zip(workload.input_names, workload.input_specs)]},
-        "strategy": strategy, "seed": seed, "trials_per_task": trials, "runner": runner_spec,
-        "target": str(target), "device": targets.facts(target), "versions": versions(),
-        "command": command or sys.argv,
-        "cost_model": model_start.record(),
-        "tasks": [task_summary(t, by_task.get(t.name, [])) for t in tasks],
+    results = Results(
+        workload={"name": workload.name, "path": str(workload.path), "sha256": workload.sha256,
+                  "weights_sha256": workload.weights_sha256,
+                  "size": workload.size,
+                  "inputs": [{"name": n, "shape": list(s), "dtype": str(d).replace("torch.", "")}
+                             for n, (s, d) in zip(workload.input_names, workload.input_specs)]},
+        strategy=strategy, seed=seed, trials_per_task=trials, runner=runner_spec,
+        target=str(target), device=targets.facts(target), versions=versions(),
+        command=command or sys.argv,
+        cost_model=model_start.record(),
+        tasks=[task_summary(t, by_task.get(t.name, [])) for t in tasks],
         **measured,
-        "module": file_identity(staged),
-        "tuning_wall_s": round(tuning_s, 1),  # over every invocation, when resumed
-        "total_wall_s": round(time.time() - t0, 1),  # this invocation, plus earlier ones' search
-    }
-    if strategy_options:
-        results["strategy_options"] = {k: v for k, v in strategy_options.items() if k != "client"}
-    if hasattr(factory, "stats"):
-        results["search"] = factory.stats()
+        module=file_identity(staged),
+        tuning_wall_s=round(tuning_s, 1),
+        total_wall_s=round(time.time() - t0, 1),
+        strategy_options={k: v for k, v in strategy_options.items() if k != "client"} if strategy_options else None,
+        search=factory.stats() if hasattr(factory, "stats") else None)
     os.replace(staged, run.module)
-    write_json(run.results, results)
+    run.write_results(results)
     return results
 
 

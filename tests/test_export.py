@@ -59,13 +59,13 @@ def test_export_packages_the_run(softmax_run, softmax_dist):
     assert m["made_by"] == "export" and m["target_kind"] == "llvm" and m["arch"] == platform.machine()
     assert m["inputs"] == [{"name": "input0", "shape": [8, 256], "dtype": "float32"}]
     assert m["outputs"] == [{"shape": [8, 256], "dtype": "float32"}]
-    assert m["target"] == res["target"] and m["versions"]["tvm"] == tvm.__version__
+    assert m["target"] == res.target and m["versions"]["tvm"] == tvm.__version__
     assert m["workload"] == {"name": "softmax", "size": "small", "path": SOFTMAX, "file": "softmax.py",
-                             "sha256": res["workload"]["sha256"], "weights_sha256": res["workload"]["weights_sha256"]}
+                             "sha256": res.workload["sha256"], "weights_sha256": res.workload["weights_sha256"]}
     assert (softmax_dist / "softmax.py").read_bytes() == (ROOT / "workloads/level1/softmax.py").read_bytes()
     assert m["strategy"] == "ansor" and m["trials_per_task"] == 2
-    assert m["tasks"][0]["best_us"] == res["tasks"][0]["best_us"] > 0 and "curve" not in m["tasks"][0]
-    assert m["validation"] == res["validation"] and m["validation"]["passed"]
+    assert m["tasks"][0]["best_us"] == res.tasks[0]["best_us"] > 0 and "curve" not in m["tasks"][0]
+    assert m["validation"] == res.validation and m["validation"]["passed"]
     assert m["timing"]["tvm"]["median_us"] > 0
     assert len(ms.database.JSONDatabase(work_dir=str(softmax_dist / "database"))) == 2
 

@@ -28,17 +28,17 @@ def softmax_run(tmp_path_factory):
 
 def test_tune_writes_a_complete_run_dir(softmax_run, capsys):
     res = softmax_run.read_results()
-    assert res["workload"]["name"] == "softmax" and res["workload"]["size"] == "small"
-    assert res["strategy"] == "ansor" and res["trials_per_task"] == 4
-    assert res["target"].startswith('{"kind":"llvm"')
-    assert res["cost_model"] == {"requested": "none", "start": "none", "path": None}
-    [task] = res["tasks"]
+    assert res.workload["name"] == "softmax" and res.workload["size"] == "small"
+    assert res.strategy == "ansor" and res.trials_per_task == 4
+    assert res.target.startswith('{"kind":"llvm"')
+    assert res.cost_model == {"requested": "none", "start": "none", "path": None}
+    [task] = res.tasks
     assert task["name"] == "softmax" and task["trials"] == 4 and task["best_us"] > 0
     assert task["curve"][-1][1] == task["best_us"]
-    v = res["validation"]
+    v = res.validation
     assert v["passed"] and v["checks"] == 2 * 4 and v["distributions"] == ["normal", "offset", "small", "uniform"]
     assert 0 <= v["max_abs"] < 1e-4
-    assert res["timing"]["tvm"]["median_us"] > 0 and res["timing"]["torch_eager"]["median_us"] > 0
+    assert res.timing["tvm"]["median_us"] > 0 and res.timing["torch_eager"]["median_us"] > 0
     assert softmax_run.module.stat().st_size > 0
     trials = softmax_run.read_trials()
     assert [t["trial"] for t in trials] == [1, 2, 3, 4]
@@ -60,8 +60,8 @@ def test_rerun_resumes_from_the_database(softmax_run, tmp_path):
     trials = run.read_trials()
     assert [t["trial"] for t in trials] == [1, 2, 3, 4, 5, 6]
     results = run.read_results()
-    assert results["tasks"][0]["trials"] == 6
-    assert 1000 + max(t["elapsed_s"] for t in trials[4:]) <= results["tuning_wall_s"] < 1100
+    assert results.tasks[0]["trials"] == 6
+    assert 1000 + max(t["elapsed_s"] for t in trials[4:]) <= results.tuning_wall_s < 1100
 
 
 def test_missing_cost_model_file_is_a_clear_error(tmp_path, capsys):
@@ -181,14 +181,17 @@ def stats(median, p10, p90):
 ])
 def test_a_speedup_is_shown_only_when_the_spread_allows_it(eager, shown):
     from schedsearch.report import summary_table
+    from schedsearch.rundir import Results
 
-    results = {"tasks": [{"name": "softmax", "weight": 1, "trials": 64, "errors": 1, "best_us": 24.0,
-                          "error_causes": [["build timed out after 30.0 s", 1]]}],
-               "validation": {"passed": True, "failed": 0, "checks": 12, "seeds": [0, 1, 2], "max_abs": 1e-8,
-                              "max_rel": 1e-7, "tolerance": 1e-4, "distributions": ["normal"]},
-               "timing": {"tvm": stats(262.0, 255.0, 290.0), "torch_eager": eager,
-                          "speedup_vs_eager": eager["median_us"] / 262.0},
-               "device": {"name": "cpu"}, "tuning_wall_s": 100.0}
+    results = Results(tasks=[{"name": "softmax", "weight": 1, "trials": 64, "errors": 1, "best_us": 24.0,
+                              "error_causes": [["build timed out after 30.0 s", 1]]}],
+                      validation={"passed": True, "failed": 0, "checks": 12, "seeds": [0, 1, 2], "max_abs": 1e-8,
+                                  "max_rel": 1e-7, "tolerance": 1e-4, "distributions": ["normal"]},
+                      timing={"tvm": stats(262.0, 255.0, 290.0), "torch_eager": eager,
+                              "speedup_vs_eager": eager["median_us"] / 262.0},
+                      device={"name": "cpu"}, tuning_wall_s=100.0, total_wall_s=110.0, workload={},
+                      strategy="ansor", seed=0, trials_per_task=64, runner="local", target="llvm", versions={},
+                      command=[], checks=[])
     text = summary_table(results)
     assert shown in text
     assert "softmax: 1 x build timed out after 30.0 s" in text  # the errors' cause, not only their count
