@@ -19,7 +19,7 @@ import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
 
-from . import cost_models, measure
+from . import cost_models, measure, result_codes
 from .errors import DISK_FULL, INTERRUPTED, DiskFull, UserError, disk_nearly_full, note_disk_full, searching
 from .frontend import Task
 from .rundir import (RECORDS, Results, RunDir, append_line, drop_cut_tail, file_identity, open_database, repair_database,
@@ -54,7 +54,7 @@ class TrialLog(ms.measure_callback.PyMeasureCallback):
             us, capped = None, False
             if not error and r.run_secs:
                 us = 1e6 * sum(float(s) for s in r.run_secs) / len(r.run_secs)
-                capped = self.capping_runner and measure.is_capped(r.run_secs)
+                capped = self.capping_runner and result_codes.is_capped(r.run_secs)
                 self.best_us = us if self.best_us is None else min(self.best_us, us)
             else:
                 self.errors += 1
@@ -94,7 +94,7 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
         self.scheduler = (task_scheduler, task_id)
         now = []
         for row in zip(measure_candidates, builder_results, runner_results):
-            token = measure.deferred_token(row[1].error_msg or row[2].error_msg)
+            token = result_codes.deferred_token(row[1].error_msg or row[2].error_msg)
             if interrupted_candidate(row[1].error_msg or row[2].error_msg):
                 continue  # not a measurement: not recorded, so a resumed search may measure it again
             if token is None:
@@ -147,15 +147,10 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
                                                  len(rows), t1 - t0, time.time() - t1)
 
 
-# What a candidate's worker process reports when it was killed rather than when the kernel failed: popen_pool's
-# ChildProcessError, as the builder (measure.WarmBuilder._outcome) and runner (WarmRunner.result) word it.
-WORKER_KILLED = "Subprocess terminated"
-
-
 def interrupted_candidate(error_msg) -> bool:
     """A candidate whose worker died while the user was stopping the search (Ctrl-C reaches the whole
     process group): an interruption, not a measured failure."""
-    return INTERRUPTED.is_set() and error_msg is not None and WORKER_KILLED in str(error_msg)
+    return INTERRUPTED.is_set() and result_codes.worker_killed(error_msg)
 
 
 def whole_lines_since(path: Path, size: int) -> int:

@@ -163,7 +163,7 @@ def test_a_deferred_candidate_reaches_the_history_as_measured(deferred):
     measuring, then measured with its latency once the late result comes (not in the rejections)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from schedsearch.measure import DEFERRED_BUILD, DEFERRED_RUN
+    from schedsearch.result_codes import deferred as deferred_error
     from schedsearch.strategies.proposals import Outcome, Proposal, ProposalSearch
 
     class Recorder:
@@ -181,8 +181,7 @@ def test_a_deferred_candidate_reaches_the_history_as_measured(deferred):
     fast, slow = Outcome("sch.a()", "idea 1", "queued"), Outcome("sch.b()", "idea 2", "queued")
     search.pending = [(fast, Proposal("sch.a()", "idea 1")), (slow, Proposal("sch.b()", "idea 2"))]
     search.notify_runner_results([], [ms.runner.RunnerResult([0.002], None),
-                                      ms.runner.RunnerResult(None, DEFERRED_BUILD.format(7, 12.0) if deferred == "build"
-                                                             else DEFERRED_RUN.format(7))])
+                                      ms.runner.RunnerResult(None, deferred_error(7, f"still {deferred}ing"))])
     assert search.trials == 2 and slow.status == "measuring" and search.measured == [fast] and not search.rejected
     search.notify_late_results([7], [ms.runner.RunnerResult([0.001, 0.001], None)])
     assert slow.status == "measured" and slow.latency_us == pytest.approx(1000.0)

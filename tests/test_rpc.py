@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 from schedsearch.errors import UserError
-from schedsearch.rpc import lost_worker, parse_runner_spec, retrying_runner
+from schedsearch.result_codes import lost_worker
+from schedsearch.rpc import parse_runner_spec, retrying_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from .. import measure, schedule_lang
+from .. import measure, result_codes, schedule_lang
 from ..schedule_lang import ScheduleLangError
 
 HISTORY_FOR_PROMPT = 12
@@ -242,7 +242,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
             except ScheduleLangError:
                 continue
             out = Outcome(program, source, "measuring")
-            token = measure.deferred_token(r.error_msg)
+            token = result_codes.deferred_token(r.error_msg)
             if token is not None:
                 self.measuring[token] = (out, Proposal(program, source))
             else:
@@ -252,7 +252,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
     def notify_runner_results(self, measure_candidates, results) -> None:
         for (out, proposal), r in zip(self.pending, results):
             self.trials += 1
-            token = measure.deferred_token(r.error_msg)
+            token = result_codes.deferred_token(r.error_msg)
             if token is not None:  # still compiling or queued: its result comes with a later round
                 out.status = "measuring"
                 self.measuring[token] = (out, proposal)
