@@ -318,6 +318,7 @@ def test_parallel_workers_run_arms_in_their_own_processes(cmp_dir, tmp_path, cap
     assert json.loads((out / "compare.json").read_text())["parallel"] == 2
 
 
+@pytest.mark.slow
 def test_sigint_ends_parallel_searches_after_their_round_and_keeps_it(tmp_path):
     """As `timeout -s INT` does on the GPU machine: SIGINT to the parent alone, mid-search."""
     import signal

@@ -25,13 +25,12 @@ def llvm():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, llvm):
-    """A run of 4 trials and the model trained on it, in a cost_models/ root of its own: (run dir, model dir)."""
-    tmp = tmp_path_factory.mktemp("cm")
-    assert main(["tune", SOFTMAX, "--trials", "4", "-o", str(tmp / "run"), *TUNE]) == 0
-    model_dir = tmp / "cost_models" / targets.device_slug(targets.device_name(llvm))
-    assert main(["train-cost-model", str(tmp / "run"), "-o", str(model_dir), "--holdout", "0.5"]) == 0
-    return tmp / "run", model_dir
+def trained(softmax_run, tmp_path_factory, llvm):
+    """conftest's run of 4 trials and the model trained on it, in a cost_models/ root of its own: (run dir,
+    model dir)."""
+    model_dir = tmp_path_factory.mktemp("cm") / "cost_models" / targets.device_slug(targets.device_name(llvm))
+    assert main(["train-cost-model", str(softmax_run.root), "-o", str(model_dir), "--holdout", "0.5"]) == 0
+    return softmax_run.root, model_dir
 
 
 def records_of(run):

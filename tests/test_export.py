@@ -16,9 +16,7 @@ from tvm.s_tir import meta_schedule as ms
 import schedsearch
 from conftest import ROOT
 from schedsearch import export, frontend, target as targets, workload
-from schedsearch.cli import main
 from schedsearch.errors import UserError
-from schedsearch.rundir import RunDir
 
 SOFTMAX = str(ROOT / "workloads/level1/softmax.py")
 CONV = str(ROOT / "workloads/level1/conv2d_relu_maxpool.py")
@@ -30,14 +28,6 @@ def cli(*argv) -> int:
     handlers = export.add_commands(p.add_subparsers(dest="command", required=True))
     args = p.parse_args([str(a) for a in argv])
     return handlers[args.command](args)
-
-
-@pytest.fixture(scope="module")
-def softmax_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "softmax"
-    assert main(["tune", SOFTMAX, "--size", "small", "--trials", "2", "-o", str(out), "--target", "llvm",
-                 "--validation-seeds", "1", "--repeats", "2"]) == 0
-    return RunDir(out)
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +53,11 @@ def test_export_packages_the_run(softmax_run, softmax_dist):
     assert m["workload"] == {"name": "softmax", "size": "small", "path": SOFTMAX, "file": "softmax.py",
                              "sha256": res.workload["sha256"], "weights_sha256": res.workload["weights_sha256"]}
     assert (softmax_dist / "softmax.py").read_bytes() == (ROOT / "workloads/level1/softmax.py").read_bytes()
-    assert m["strategy"] == "ansor" and m["trials_per_task"] == 2
+    assert m["strategy"] == "ansor" and m["trials_per_task"] == 4
     assert m["tasks"][0]["best_us"] == res.tasks[0]["best_us"] > 0 and "curve" not in m["tasks"][0]
     assert m["validation"] == res.validation and m["validation"]["passed"]
     assert m["timing"]["tvm"]["median_us"] > 0
-    assert len(ms.database.JSONDatabase(work_dir=str(softmax_dist / "database"))) == 2
+    assert len(ms.database.JSONDatabase(work_dir=str(softmax_dist / "database"))) == 4
 
 
 def test_loaded_in_a_fresh_process_matches_pytorch(softmax_dist, tmp_path):

@@ -65,6 +65,7 @@ def scripted(programs, sentinel: Path):
     return script
 
 
+@pytest.mark.slow
 def test_llm_tune_against_a_loopback_server(programs, tmp_path, monkeypatch):
     sentinel = tmp_path / "pwned"
     out = tmp_path / "run"
@@ -124,6 +125,7 @@ def test_no_endpoint_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert "no LLM endpoint configured" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_files_mode_no_wait_then_resume(programs, tmp_path):
     """Offline GPU node: requests are written, the run stops; answers arrive; the same command resumes."""
     box, out = tmp_path / "box", tmp_path / "run"
@@ -151,6 +153,7 @@ def test_files_mode_no_wait_then_resume(programs, tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("OPENAI_API_KEY") or not (os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_MODEL")),
                     reason="needs a real endpoint: OPENAI_API_KEY and OPENAI_BASE_URL or OPENAI_MODEL")
+@pytest.mark.slow
 def test_real_endpoint(tmp_path):
     rc = main(["tune", MATMUL, "--size", "small", "--strategy", "llm", "--trials", "4", "-o", str(tmp_path / "run"),
                "--target", "llvm", "--llm-ideas", "2", "--llm-programs-per-idea", "2", "--validation-seeds", "1"])
@@ -237,6 +240,7 @@ def test_no_answer_in_a_whole_run_is_an_error(tmp_path, monkeypatch):
                                        "error": "APIConnectionError: Connection error.", "attempts": 5}]
 
 
+@pytest.mark.slow
 def test_a_round_whose_requests_all_fail_is_reported(programs, tmp_path, capsys, monkeypatch):
     """The endpoint answers the first round, then drops every connection: each later round says so on the
     console and in results.json; what was measured before counts (exit 0)."""

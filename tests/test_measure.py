@@ -11,6 +11,7 @@ from schedsearch.rundir import RunDir
 from schedsearch.tune import search
 
 
+@pytest.mark.slow
 def test_capped_candidates_are_never_the_best(tmp_path, monkeypatch):
     # A tight cap so that this small CPU task caps some candidates (the worker reads these at start).
     monkeypatch.setenv("SCHEDSEARCH_CAP_FACTOR", "1.05")
@@ -46,6 +47,7 @@ def _children() -> set[int]:
     return {p for p, parent in ppid.items() if parent == os.getpid()}
 
 
+@pytest.mark.slow
 def test_search_stops_the_worker_processes_it_started(tmp_path):
     """Build and run pools that search() starts, it shuts down (TVM: a pool left to the GC can deadlock)."""
     wl = workload.load(ROOT / "workloads/level1/softmax.py", "small")
@@ -227,6 +229,7 @@ def test_unroll_step_reads_the_scheduled_kernel(tmp_path):
     assert unroll_step(task.mod) == 0 and unroll_step(sch.mod) == 512
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, deferred", [("evolutionary", "build"), ("rules", "build"), ("evolutionary", "run")])
 def test_a_deferred_candidate_is_recorded_with_its_measurement(tmp_path, strategy, deferred):
     """Through the whole search: a deferred candidate (its build, or its run) reaches the trial log and

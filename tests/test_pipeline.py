@@ -17,15 +17,6 @@ from schedsearch.runtime import CompiledModule
 SOFTMAX = str(ROOT / "workloads/level1/softmax.py")
 
 
-@pytest.fixture(scope="module")
-def softmax_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "softmax"
-    rc = main(["tune", SOFTMAX, "--size", "small", "--trials", "4", "-o", str(out), "--target", "llvm",
-               "--validation-seeds", "2", "--repeats", "3"])
-    assert rc == 0
-    return RunDir(out)
-
-
 def test_tune_writes_a_complete_run_dir(softmax_run, capsys):
     res = softmax_run.read_results()
     assert res.workload["name"] == "softmax" and res.workload["size"] == "small"
@@ -36,7 +27,7 @@ def test_tune_writes_a_complete_run_dir(softmax_run, capsys):
     assert task["name"] == "softmax" and task["trials"] == 4 and task["best_us"] > 0
     assert task["curve"][-1][1] == task["best_us"]
     v = res.validation
-    assert v["passed"] and v["checks"] == 2 * 4 and v["distributions"] == ["normal", "offset", "small", "uniform"]
+    assert v["passed"] and v["checks"] == 1 * 4 and v["distributions"] == ["normal", "offset", "small", "uniform"]
     assert 0 <= v["max_abs"] < 1e-4
     assert res.timing["tvm"]["median_us"] > 0 and res.timing["torch_eager"]["median_us"] > 0
     assert softmax_run.module.stat().st_size > 0
@@ -110,6 +101,7 @@ def test_a_corrupted_record_fails_validation(softmax_run, tmp_path):
     assert good["validation"]["passed"]
 
 
+@pytest.mark.slow
 def test_onnx_workload_with_input_shape(tmp_path):
     class Net(torch.nn.Module):
         def forward(self, x):
@@ -131,6 +123,7 @@ def test_onnx_workload_with_input_shape(tmp_path):
     assert res["validation"]["passed"] and "torch_eager" not in res["timing"]
 
 
+@pytest.mark.slow
 def test_a_proposal_round_asks_for_enough_programs_when_few_trials_are_left(tmp_path, monkeypatch):
     """With 2 trials left, 2 x oversample proposals can all be duplicates: a round asks for MIN_PROPOSALS."""
     from schedsearch import strategies

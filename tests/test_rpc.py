@@ -139,6 +139,7 @@ def cluster(tmp_path):
         command.wait()
 
 
+@pytest.mark.slow
 def test_tune_through_tracker_survives_a_dead_and_a_hung_worker(tmp_path, cluster, monkeypatch):
     """Three CPU workers; one is killed while measuring, one stops answering. The tune still measures
     every candidate: those the lost workers held are measured again on the third."""
