@@ -9,7 +9,8 @@ from pathlib import Path
 
 from . import compare, export, rpc, strategies
 from .errors import INTERRUPTED, INTERRUPTED_MESSAGE, UserError, catch_interrupts, os_error_message
-from .options import add_cost_model_option, add_llm_options, add_runner_option, llm_options, positive, shape_arg
+from .options import (Tuning, add_cost_model_option, add_evaluation_options, add_llm_options, add_runner_option,
+                      evaluation_options, llm_options, positive, shape_arg, strategy_options, tuning_options)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -21,15 +22,16 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="tune a workload and write a run directory")
     t.add_argument("workload", help="KernelBench-format .py problem file or .onnx file")
     t.add_argument("-o", "--output", help="run directory (default runs/<workload>-<strategy>)")
-    t.add_argument("--strategy", default="ansor", help=f"{' | '.join(strategies.NAMES)} (default ansor)")
-    t.add_argument("--trials", type=positive, default=64, help="hardware measurements per task (default 64)")
+    t.add_argument("--strategy", default=Tuning.strategy,
+                   help=f"{' | '.join(strategies.NAMES)} (default {Tuning.strategy})")
+    t.add_argument("--trials", type=positive, default=Tuning.trials,
+                   help=f"hardware measurements per task (default {Tuning.trials})")
     t.add_argument("--target", default="auto", help="auto | llvm | cuda | 'llvm -mcpu=CPU [-mattr=+F,-G] [-num-cores=N]' (auto: cuda if a GPU is visible, else llvm for this CPU)")
     t.add_argument("--size", default="default", help="workload size from its SIZES dict, e.g. small")
     t.add_argument("--input-shape", type=shape_arg, action="append", default=[],
                    help="NAME=D0,D1,... for an ONNX input with dynamic dimensions (repeatable)")
-    t.add_argument("--seed", type=int, default=0, help="search seed")
-    t.add_argument("--validation-seeds", type=positive, default=3, help="seeds per input distribution (default 3)")
-    t.add_argument("--repeats", type=positive, default=20, help="timed calls per measurement (default 20)")
+    t.add_argument("--seed", type=int, default=Tuning.seed, help=f"search seed (default {Tuning.seed})")
+    add_evaluation_options(t)
     add_runner_option(t)
     add_cost_model_option(t)
     add_llm_options(t)
@@ -94,7 +96,9 @@ def cmd_workloads(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    options = llm_options(args)  # an unknown strategy is refused first: nothing imported, loaded or written
+    # Every option checked first (an unknown strategy, a bad runner): nothing imported, loaded or written before.
+    tuning, evaluation = tuning_options(args, args.strategy, args.seed), evaluation_options(args)
+    options = strategy_options(args, args.strategy, llm_options(args))
     from . import target as targets, workload as workloads
     from .report import summary_table
     from .rundir import RunDir
@@ -105,10 +109,7 @@ def cmd_tune(args) -> int:
     run = RunDir(Path(args.output or f"runs/{wl.name}-{args.strategy}"))
     print(f"tuning {wl.name} ({wl.size}) with {args.strategy} on {target.kind.name} "
           f"({targets.facts(target)['name']}), {args.trials} trials per task -> {run.root}", file=sys.stderr)
-    results = tune_workload(wl, target, run, strategy=args.strategy, trials=args.trials, seed=args.seed,
-                            validation_seeds=args.validation_seeds, repeats=args.repeats,
-                            command=args.command_line, strategy_options=options,
-                            cost_model=args.cost_model, runner_spec=args.runner)
+    results = tune_workload(wl, target, run, tuning, evaluation, strategy_options=options, command=args.command_line)
     print(summary_table(results))
     if not results.validation["passed"]:
         what = "VALIDATION FAILED" if results.validation["failed"] else "NOT VALIDATED: no check could be made"

@@ -16,10 +16,12 @@ import json
 import shutil
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import INTERRUPTED, DamagedFile, UserError
-from .options import add_cost_model_option, add_llm_options, add_runner_option, llm_options, positive
+from .options import (Evaluation, Tuning, add_cost_model_option, add_evaluation_options, add_llm_options,
+                      add_runner_option, evaluation_options, llm_options, positive, strategy_options, tuning_options)
 from .rundir import Results, RunDir, write_json
 
 SCHEMA = 1
@@ -33,12 +35,12 @@ def add_commands(sub) -> dict:
     c.add_argument("workloads", nargs="+", help="KernelBench-format .py problem files")
     c.add_argument("-o", "--output", required=True, help="comparison directory")
     c.add_argument("--strategies", default="ansor,llm", help="comma-separated: ansor, rules, llm, hybrid (default ansor,llm)")
-    c.add_argument("--trials", type=positive, default=64, help="hardware measurements per task and arm (default 64)")
+    c.add_argument("--trials", type=positive, default=Tuning.trials,
+                   help=f"hardware measurements per task and arm (default {Tuning.trials})")
     c.add_argument("--seeds", type=positive, default=3, help="search seeds per strategy: 0..N-1 (default 3)")
     c.add_argument("--size", default="default", help="workload size from each file's SIZES dict, e.g. small")
     c.add_argument("--target", default="auto", help="auto | llvm | cuda | 'llvm -mcpu=CPU ...'")
-    c.add_argument("--validation-seeds", type=positive, default=3, help="seeds per input distribution (default 3)")
-    c.add_argument("--repeats", type=positive, default=20, help="timed calls per measurement (default 20)")
+    add_evaluation_options(c)
     c.add_argument("--arms-from", metavar="DIR", help="copy finished arms of an earlier comparison instead of tuning")
     c.add_argument("--parallel", type=positive, default=1, metavar="N",
                    help="run N jobs at once, one process each, CPU cores split between them; on CUDA each "
@@ -66,15 +68,15 @@ def cmd_compare(args) -> int:
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     _check_strategies(strategies)
+    tuning, llm = tuning_options(args, strategies[0], 0), llm_options(args)
     out = Path(args.output)
-    summary = compare(args.workloads, out, strategies, args.trials, args.seeds, size=args.size, target_name=args.target,
-                      validation_seeds=args.validation_seeds, repeats=args.repeats,
-                      strategy_options={s: llm_options(args, s) for s in strategies},
+    summary = compare(args.workloads, out, strategies, args.seeds, tuning, evaluation_options(args),
+                      size=args.size, target_name=args.target,
+                      strategy_options={s: strategy_options(args, s, llm) for s in strategies},
                       arms_from=Path(args.arms_from) if args.arms_from else None,
                       compile_baselines=not args.no_compile_baselines,
                       peaks={"tflops": args.peak_tflops, "gbs": args.peak_gbs},
-                      command=args.command_line, runner_spec=args.runner, parallel=args.parallel,
-                      cost_model=args.cost_model)
+                      command=args.command_line, parallel=args.parallel)
     paths = write_report(out)
     print(f"report: {', '.join(map(str, paths))}", file=sys.stderr)
     for arm, error in summary["errors"].items():
@@ -108,14 +110,14 @@ def arm_name(strategy: str, seed: int) -> str:
     return f"{strategy}-s{seed}"
 
 
-def compare(workload_paths: list[str], out: Path, strategies: list[str], trials: int, seeds: int, *,
-            size: str = "default", target_name: str = "auto", validation_seeds: int = 3, repeats: int = 20,
+def compare(workload_paths: list[str], out: Path, strategies: list[str], seeds: int, tuning: Tuning = Tuning(),
+            evaluation: Evaluation = Evaluation(), *, size: str = "default", target_name: str = "auto",
             strategy_options: dict[str, dict] | None = None, arms_from: Path | None = None, compile_baselines: bool = True,
-            peaks: dict | None = None, command: list[str] | None = None, runner_spec: str = "local",
-            parallel: int = 1, cost_model: str = "none") -> dict:
+            peaks: dict | None = None, command: list[str] | None = None, parallel: int = 1) -> dict:
     """Runs (or resumes) every arm and the baselines. Returns {"errors": {arm: traceback}, "invalid": [arm],
-    "pending": [PendingResponses]}: one arm failing does not stop the others. `strategy_options`: {strategy:
-    its options (options.llm_options)}; `cost_model`: where every arm's XGBoost model starts (cost_models.start)."""
+    "pending": [PendingResponses]}: one arm failing does not stop the others. `tuning`: every arm's, each with
+    its own strategy and seed 0..seeds-1; `strategy_options`: {strategy: its options (options.strategy_options)}."""
+    trials = tuning.trials
     from . import cost_models, target as targets, workload as workloads
     from .llm_client import PendingResponses
 
@@ -128,7 +130,7 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
         raise UserError(f"two workloads share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): "
                         "their run dirs would collide")
     target = targets.resolve(target_name)
-    cost_models.start(cost_model, target)  # a bad --cost-model fails before any work (each arm starts its own)
+    cost_models.start(tuning.cost_model, target)  # a bad --cost-model fails before any work (each arm starts its own)
     for wl in loaded:  # refuse a mismatched directory before writing anything into it
         for strategy in strategies:
             for seed in range(seeds):
@@ -141,10 +143,11 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
         "strategies": strategies, "seeds": list(range(seeds)),
         "trials_per_task": trials, "size": size, "target": str(target),
         "workloads": [{"name": w.name, "path": str(w.path)} for w in loaded],
-        "validation_seeds": validation_seeds, "repeats": repeats, "compile_baselines": compile_baselines,
+        "validation_seeds": evaluation.validation_seeds, "repeats": evaluation.repeats,
+        "compile_baselines": compile_baselines,
         "peaks": peaks or {},
         **{s: {k: v for k, v in o.items() if k != "client"} for s, o in (strategy_options or {}).items() if o},
-        "arms_from": str(arms_from) if arms_from else None, "parallel": parallel, "cost_model": cost_model})
+        "arms_from": str(arms_from) if arms_from else None, "parallel": parallel, "cost_model": tuning.cost_model})
 
     jobs = []  # baselines first: on several GPUs they then run while the first arms tune
     for wl in loaded:
@@ -162,10 +165,8 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
                 else:
                     print(f"{wl.name}/{arm_name(strategy, seed)}: finished earlier, skipped", file=sys.stderr)
     settings = {"out": str(out), "workloads": {w.name: str(w.path) for w in loaded}, "size": size,
-                "target": target.kind.name, "target_str": str(target), "trials": trials,
-                "validation_seeds": validation_seeds, "repeats": repeats, "strategy_options": strategy_options or {},
-                "compile_baselines": compile_baselines, "command": command, "runner_spec": runner_spec,
-                "cost_model": cost_model}
+                "target": target.kind.name, "target_str": str(target), "tuning": tuning, "evaluation": evaluation,
+                "strategy_options": strategy_options or {}, "compile_baselines": compile_baselines, "command": command}
     if parallel > 1:
         outcomes = _run_parallel(jobs, settings, parallel, gpu=targets.is_gpu(target))
     else:
@@ -205,20 +206,18 @@ def _run_job(job: dict, settings: dict, context: dict) -> dict:
         try:
             (out / wl.name).mkdir(parents=True, exist_ok=True)
             write_json(out / wl.name / "baselines.json",
-                       time_baselines(wl, target, settings["repeats"], settings["compile_baselines"]))
+                       time_baselines(wl, target, settings["evaluation"].repeats, settings["compile_baselines"]))
         except Exception:
             return {"label": label, "error": traceback.format_exc()}
         return {"label": label}
-    strategy, seed, trials = job["strategy"], job["seed"], settings["trials"]
+    strategy, seed = job["strategy"], job["seed"]
+    tuning = replace(settings["tuning"], strategy=strategy, seed=seed)
     label = f"{wl.name}/{arm_name(strategy, seed)}"
     run = RunDir(out / wl.name / arm_name(strategy, seed))
-    print(f"{label}: tuning with {strategy}, seed {seed}, {trials} trials per task", file=sys.stderr)
+    print(f"{label}: tuning with {strategy}, seed {seed}, {tuning.trials} trials per task", file=sys.stderr)
     try:
-        tune_workload(wl, target, run, strategy=strategy, trials=trials, seed=seed,
-                      validation_seeds=settings["validation_seeds"], repeats=settings["repeats"],
-                      command=settings["command"],
-                      strategy_options=settings["strategy_options"].get(strategy) or None,
-                      runner_spec=settings["runner_spec"], cost_model=settings.get("cost_model"))
+        tune_workload(wl, target, run, tuning, settings["evaluation"],
+                      strategy_options=settings["strategy_options"].get(strategy) or None, command=settings["command"])
     except PendingResponses as e:
         return {"label": label, "pending": (e.directory, e.paths)}
     except UserError as e:
@@ -397,7 +396,7 @@ def _same_baselines(path: Path, workload, target, compile_baselines: bool) -> bo
             and wanted <= set(old["baselines"]))
 
 
-def time_baselines(workload, target, repeats: int = 20, compile_baselines: bool = True) -> dict:
+def time_baselines(workload, target, repeats: int, compile_baselines: bool = True) -> dict:
     """PyTorch eager and torch.compile (default, max-autotune) on validation's seed-0 inputs, with the
     timing method TVM's module gets in evaluate(); also the bytes the workload must move at least once."""
     import torch

@@ -5,7 +5,7 @@
     <dist>/database/        the MetaSchedule database the module was built from
     <dist>/<workload file>  a copy of the program it computes: `run --check` compares against it
 
-Only the standard library is imported at module level: the CLI imports this file for its parsers.
+Nothing heavy (TVM, torch) is imported at module level: the CLI imports this file for its parsers.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .options import Evaluation, evaluation_options
 from .rundir import RunDir, file_identity, write_json
 
 MANIFEST_SCHEMA = 1
@@ -389,7 +390,7 @@ def load(path: str | Path) -> ExportedModule:
 
 # ---------------------------------------------------------------- checking
 
-def check(path: str | Path, seeds: int = 3, repeats: int = 20) -> dict:
+def check(path: str | Path, seeds: int = Evaluation.validation_seeds, repeats: int = Evaluation.repeats) -> dict:
     """Validate a dist dir against its copy of the workload (several seeds and distributions)
     and time it against PyTorch eager: evaluate.evaluate's dict."""
     from .evaluate import evaluate
@@ -398,7 +399,7 @@ def check(path: str | Path, seeds: int = 3, repeats: int = 20) -> dict:
     return evaluate(workload, module.compiled, seeds=seeds, repeats=repeats)
 
 
-def time_only(path: str | Path, repeats: int = 20) -> dict:
+def time_only(path: str | Path, repeats: int = Evaluation.repeats) -> dict:
     """Time a dist dir and PyTorch eager on the workload's inputs, without validating."""
     from .evaluate import time_against_eager
 
@@ -428,7 +429,7 @@ def _load_with_workload(path: str | Path):
 
 def add_commands(sub) -> dict:
     """Adds export, build and run to an argparse subparsers object; returns {command: handler}."""
-    from .options import positive, shape_arg
+    from .options import add_evaluation_options, shape_arg
 
     e = sub.add_parser("export", help="package a tuned run directory as a loadable module")
     e.add_argument("run_dir", help="run directory written by `schedsearch tune`")
@@ -446,8 +447,7 @@ def add_commands(sub) -> dict:
     r = sub.add_parser("run", help="time an exported module against PyTorch eager; --check validates it too")
     r.add_argument("dist", help="dist directory written by export or build")
     r.add_argument("--check", action="store_true", help="validate against the PyTorch reference first")
-    r.add_argument("--seeds", type=positive, default=3, help="seeds per input distribution (default 3)")
-    r.add_argument("--repeats", type=positive, default=20, help="timed calls per measurement (default 20)")
+    add_evaluation_options(r)
     return {"export": cmd_export, "build": cmd_build, "run": cmd_run}
 
 
@@ -477,7 +477,8 @@ def cmd_run(args) -> int:
     from .report import fmt_us, speedup_text
 
     if args.check:
-        measured = check(args.dist, seeds=args.seeds, repeats=args.repeats)
+        evaluation = evaluation_options(args)
+        measured = check(args.dist, seeds=evaluation.validation_seeds, repeats=evaluation.repeats)
         from .validate import verdict
 
         v, tm = measured["validation"], measured["timing"]
@@ -487,7 +488,7 @@ def cmd_run(args) -> int:
         for f in v["failures"]:
             print(f"  seed {f['seed']} {f['distribution']}: {f['problem']}")
     else:
-        v, tm = None, time_only(args.dist, repeats=args.repeats)
+        v, tm = None, time_only(args.dist, repeats=evaluation_options(args).repeats)
     line = f"TVM median {fmt_us(tm['tvm']['median_us'])}"
     if "torch_eager" in tm:
         line += f", PyTorch eager {fmt_us(tm['torch_eager']['median_us'])}; {speedup_text(tm)}"

@@ -27,6 +27,7 @@ from tvm.support.popen_pool import PopenPoolExecutor
 from tvm.target import Target
 
 from . import result_codes
+from .options import Tuning
 
 
 def build_kernel(mod, target, _params):
@@ -250,9 +251,11 @@ def unroll_step(mod) -> int:
 # than LOAD_ALLOWANCE_S, that call is the record (a 2 s kernel costs 2 s, not 4 as with a warm-up call
 # first); nearer the cap, the next call decides. Both are timed on the host's clock, as TVM's evaluator
 # times a call (over RPC that adds the round trip).
-BEST_FILE_ENV = "SCHEDSEARCH_BEST_S_FILE"
-CAP_FACTOR = max(1.0, float(os.environ.get("SCHEDSEARCH_CAP_FACTOR", 10)))
-MIN_CAP_S = float(os.environ.get("SCHEDSEARCH_MIN_CAP_S", 1e-3))  # below this a full measurement is cheap
+# The cap's factor and floor are options (options.Tuning: --cap-factor, --min-cap-s); they reach the runner's
+# worker processes as the task's best does, through their environment (share_cap), read when they start.
+BEST_FILE_ENV, CAP_FACTOR_ENV, MIN_CAP_S_ENV = "SCHEDSEARCH_BEST_S_FILE", "SCHEDSEARCH_CAP_FACTOR", "SCHEDSEARCH_MIN_CAP_S"
+CAP_FACTOR = float(os.environ.get(CAP_FACTOR_ENV, Tuning.cap_factor))
+MIN_CAP_S = float(os.environ.get(MIN_CAP_S_ENV, Tuning.min_cap_s))  # below this a full measurement is cheap
 LOAD_ALLOWANCE_S = 0.2
 REPEAT = 2
 _best = {"file": None, "s": float("inf")}
@@ -321,6 +324,11 @@ def share_best_file(path) -> None:
     """Where the caller keeps the running task's best latency (seconds): set before a runner starts
     its processes, which inherit it."""
     os.environ[BEST_FILE_ENV] = str(path)
+
+
+def share_cap(factor: float, min_s: float) -> None:
+    """The cap for the runner processes started from now on (run_evaluator_capped)."""
+    os.environ[CAP_FACTOR_ENV], os.environ[MIN_CAP_S_ENV] = repr(float(factor)), repr(float(min_s))
 
 
 def device_type(target: Target) -> str:

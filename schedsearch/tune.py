@@ -22,6 +22,7 @@ from tvm.ir.utils import derived_object
 from . import cost_models, measure, result_codes
 from .errors import DISK_FULL, INTERRUPTED, DiskFull, UserError, disk_nearly_full, note_disk_full, searching
 from .frontend import Task
+from .options import Evaluation, Tuning, parse_runner_spec
 from .rundir import (RECORDS, Results, RunDir, append_line, drop_cut_tail, file_identity, open_database, repair_database,
                      write_bytes)
 
@@ -364,36 +365,34 @@ def _log_to_file(path: Path) -> None:
         logger.propagate = False
 
 
-def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: str = "ansor", trials: int = 64,
-                  seed: int = 0, validation_seeds: int = 3, repeats: int = 20, command: list[str] | None = None,
-                  strategy_options: dict | None = None, cost_model: str | Path | None = None,
-                  runner_spec: str = "local") -> Results:
+def tune_workload(workload, target: tvm.target.Target, run: RunDir, tuning: Tuning = Tuning(),
+                  evaluation: Evaluation = Evaluation(), strategy_options: dict | None = None,
+                  command: list[str] | None = None) -> Results:
     """The whole job: tasks -> search -> compile -> validate -> time -> run dir. Returns what results.json holds.
-    `cost_model`: --cost-model's none | auto | DIR | FILE (cost_models.start).
+    `strategy_options`: what the strategy's factory takes besides (options.strategy_options).
     One process at a time per run dir (RunDir.locked)."""
-    from . import rpc
-
-    rpc_at = rpc.parse_runner_spec(runner_spec)  # a bad spec fails before any work
-    model_start = cost_models.start(cost_model, target)
+    rpc_at = parse_runner_spec(tuning.runner)
+    model_start = cost_models.start(tuning.cost_model, target)  # a bad --cost-model fails before any work
     t0 = time.time()
     run.create()
     with run.locked(), disk_full_means(run.root):
-        return _tune_locked(workload, target, run, strategy, trials, seed, validation_seeds, repeats, command,
-                            strategy_options, model_start, runner_spec, rpc_at, t0)
+        return _tune_locked(workload, target, run, tuning, evaluation, command, strategy_options, model_start,
+                            rpc_at, t0)
 
 
-def _tune_locked(workload, target, run: RunDir, strategy, trials, seed, validation_seeds, repeats, command,
-                 strategy_options, model_start, runner_spec, rpc_at, t0) -> Results:
+def _tune_locked(workload, target, run: RunDir, tuning: Tuning, evaluation: Evaluation, command, strategy_options,
+                 model_start, rpc_at, t0) -> Results:
     from . import frontend, rpc, strategies
 
-    _check_same_run(run, workload_sha256=workload.sha256, size=workload.size, target=str(target), strategy=strategy)
+    _check_same_run(run, workload_sha256=workload.sha256, size=workload.size, target=str(target),
+                    strategy=tuning.strategy)
     repair_database(run.database)  # a damaged database is refused before any work
     empty = [f"{n} {tuple(shape)}" for n, (shape, _) in zip(workload.input_names, workload.input_specs) if 0 in shape]
     if empty:
         raise UserError(f"{workload.name}: input {', '.join(empty)} has no elements: there is nothing to tune "
                         "(check the sizes, or --input-shape)")
     # Before the export and import (minutes on a big model): an unreachable LLM endpoint fails at once.
-    factory = strategies.make(strategy, run=run, target=target, seed=seed, **(strategy_options or {}))
+    factory = strategies.make(tuning.strategy, run=run, target=target, seed=tuning.seed, **(strategy_options or {}))
     # Nothing else is printed until the first trial is measured: say what the time goes to.
     stage(t0, "exporting the workload to ONNX (torch.export), importing it into TVM, extracting its kernels")
     mod = frontend.import_onnx(frontend.export_onnx(workload, run.onnx), workload.shapes())
@@ -405,16 +404,16 @@ def _tune_locked(workload, target, run: RunDir, strategy, trials, seed, validati
     stage(t0, f"{len(tasks)} task(s): {', '.join(t.name for t in tasks)}; searching")
     earlier_s = search_seconds(run.read_trials())  # a resumed run: what earlier invocations spent searching
     measure.share_best_file(run.root / "best_s.txt")  # before the RPC runner starts its processes
+    measure.share_cap(tuning.cap_factor, tuning.min_cap_s)
     runner = None if rpc_at is None else rpc.make_rpc_runner(*rpc_at, target, measure.evaluator_config(target))
-    by_task = search(tasks, target, run, strategy, factory, trials, seed, runner=runner,
+    by_task = search(tasks, target, run, tuning.strategy, factory, tuning.trials, tuning.seed, runner=runner,
                      cost_model=model_start, capping_runner=True,
                      cost_model_warmup=getattr(factory, "cost_model_warmup", 100))
     tuning_s = time.time() - t0 + earlier_s
     t0 -= earlier_s  # total_wall_s counts the earlier invocations' search too: never less than tuning_wall_s
 
-    return _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy, trials, seed,
-                                   validation_seeds, repeats, command, strategy_options, runner_spec, factory,
-                                   model_start, tuning_s, t0)
+    return _compile_validate_write(workload, target, run, mod, tasks, by_task, tuning, evaluation, command,
+                                   strategy_options, factory, model_start, tuning_s, t0)
 
 
 @contextlib.contextmanager
@@ -433,9 +432,8 @@ def disk_full_means(directory: Path):
         raise
 
 
-def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy, trials, seed, validation_seeds,
-                            repeats, command, strategy_options, runner_spec, factory, model_start, tuning_s,
-                            t0) -> Results:
+def _compile_validate_write(workload, target, run, mod, tasks, by_task, tuning: Tuning, evaluation: Evaluation,
+                            command, strategy_options, factory, model_start, tuning_s, t0) -> Results:
     from . import frontend, target as targets
     from .evaluate import evaluate
     from .runtime import CompiledModule
@@ -449,9 +447,9 @@ def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy
     staged = run.root / ".module.staged.so"
     executable.export_library(str(staged))
     module = CompiledModule(executable, targets.torch_device(target))
-    stage(t0, f"validating ({validation_seeds} seeds x {len(DISTRIBUTIONS)} input distributions) and timing "
-              "against PyTorch eager")
-    measured = evaluate(workload, module, seeds=validation_seeds, repeats=repeats)
+    stage(t0, f"validating ({evaluation.validation_seeds} seeds x {len(DISTRIBUTIONS)} input distributions) and "
+              "timing against PyTorch eager")
+    measured = evaluate(workload, module, seeds=evaluation.validation_seeds, repeats=evaluation.repeats)
 
     results = Results(
         workload={"name": workload.name, "path": str(workload.path), "sha256": workload.sha256,
@@ -459,7 +457,7 @@ def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy
                   "size": workload.size,
                   "inputs": [{"name": n, "shape": list(s), "dtype": str(d).replace("torch.", "")}
                              for n, (s, d) in zip(workload.input_names, workload.input_specs)]},
-        strategy=strategy, seed=seed, trials_per_task=trials, runner=runner_spec,
+        strategy=tuning.strategy, seed=tuning.seed, trials_per_task=tuning.trials, runner=tuning.runner,
         target=str(target), device=targets.facts(target), versions=versions(),
         command=command or sys.argv,
         cost_model=model_start.record(),

@@ -229,9 +229,9 @@ def test_curves_and_trials_to_reach():
 
 def test_bad_arguments_are_user_errors(tmp_path, capfd):
     with pytest.raises(UserError, match="unknown bogus"):
-        compare([SOFTMAX], tmp_path / "o", ["ansor", "bogus"], 4, 1)
+        compare([SOFTMAX], tmp_path / "o", ["ansor", "bogus"], 1)
     with pytest.raises(UserError, match="share a name"):
-        compare([SOFTMAX, SOFTMAX], tmp_path / "o", ["ansor"], 4, 1, target_name="llvm")
+        compare([SOFTMAX, SOFTMAX], tmp_path / "o", ["ansor"], 1, target_name="llvm")
     assert "not a comparison directory" in user_error(["report", str(tmp_path)], capfd)
 
 
@@ -285,7 +285,7 @@ def test_a_crashing_arm_is_reported_and_the_others_still_run(cmp_dir, tmp_path, 
     (out / "softmax/rules-s0/results.json").unlink()
     (out / "rmsnorm/ansor-s1/results.json").unlink()
 
-    def crash(workload, target, run, **kwargs):
+    def crash(workload, target, run, *args, **kwargs):
         raise RuntimeError("the builder's worker died")
     monkeypatch.setattr(schedsearch.tune, "tune_workload", crash)
     assert cli(["compare", *ARGS, "-o", str(out)]) == 1

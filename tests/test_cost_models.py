@@ -14,6 +14,7 @@ from conftest import ROOT
 from schedsearch import cost_models, target as targets
 from schedsearch.cli import main
 from schedsearch.errors import UserError
+from schedsearch.options import Evaluation, Tuning
 
 SOFTMAX = str(ROOT / "workloads/level1/softmax.py")
 TUNE = ["--size", "small", "--target", "llvm", "--validation-seeds", "1", "--repeats", "2"]
@@ -178,11 +179,13 @@ def test_compare_starts_every_arm_from_the_cost_model_asked_for(tmp_path, monkey
     from schedsearch.compare import compare
 
     asked = []
-    monkeypatch.setattr(schedsearch.tune, "tune_workload", lambda wl, target, run, **kw: asked.append(kw["cost_model"]))
+    monkeypatch.setattr(schedsearch.tune, "tune_workload",
+                        lambda wl, target, run, tuning, evaluation, **kw: asked.append(tuning.cost_model))
     with pytest.raises(UserError, match="cost model file not found"):
-        compare([SOFTMAX], tmp_path / "bad", ["ansor"], 1, 1, size="small", target_name="llvm", cost_model="/nope")
+        compare([SOFTMAX], tmp_path / "bad", ["ansor"], 1, Tuning(trials=1, cost_model="/nope"), size="small",
+                target_name="llvm")
     assert not (tmp_path / "bad").exists()  # refused before writing anything
-    compare([SOFTMAX], tmp_path / "cmp", ["ansor", "rules"], 1, 1, size="small", target_name="llvm", repeats=2,
-            compile_baselines=False, cost_model="auto")
+    compare([SOFTMAX], tmp_path / "cmp", ["ansor", "rules"], 1, Tuning(trials=1, cost_model="auto"),
+            Evaluation(repeats=2), size="small", target_name="llvm", compile_baselines=False)
     assert asked == ["auto", "auto"]
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["cost_model"] == "auto"

@@ -52,6 +52,7 @@ def test_bad_workload_files(write_problem, tmp_path, capsys, body, message):
     (["--target", "tpu"], "unknown target 'tpu'"),
     (["--target", "cuda"], "--target cuda, but no CUDA GPU is visible"),
     (["--runner", "tcp://x", "--size", "small"], "expected local or rpc://HOST:PORT/KEY"),
+    (["--cap-factor", "0.5"], "--cap-factor must be at least 1 (1: cap at the best so far), got 0.5"),
 ])
 def test_bad_flags(args, message, capsys, tmp_path):
     try:

@@ -172,7 +172,7 @@ def test_build_lists_tuned_and_fallback_tasks(tmp_path, capsys):
     assert len(ms.database.JSONDatabase(work_dir=str(dist / "database"))) == 1
     # The conv's weights are drawn at random when the workload loads: check sees the same ones.
     assert m["workload"]["weights_sha256"] == workload.load(CONV, "small").weights_sha256
-    assert cli("run", dist, "--check", "--seeds", "1", "--repeats", "2") == 0
+    assert cli("run", dist, "--check", "--validation-seeds", "1", "--repeats", "2") == 0
     assert "validation: PASSED" in capsys.readouterr().out
     (dist / "manifest.json").write_text(json.dumps({**m, "workload": {**m["workload"], "weights_sha256": "0" * 64}}))
     with pytest.raises(UserError, match="builds a model with other weights than the ones compiled into"):
@@ -200,7 +200,7 @@ def test_build_from_another_workloads_database_falls_back_and_returns_tuples(sof
 
 
 def test_run_check_validates_against_pytorch(softmax_dist, capsys):
-    assert cli("run", softmax_dist, "--check", "--seeds", "1", "--repeats", "2") == 0
+    assert cli("run", softmax_dist, "--check", "--validation-seeds", "1", "--repeats", "2") == 0
     out = capsys.readouterr().out
     assert "validation: PASSED: 4 checks" in out and "max abs" in out
     assert re.search(r"TVM median [\d.,]+ us, PyTorch eager [\d.,]+ .s; speedup vs PyTorch eager: ([\d.]+x|none shown, )",
@@ -218,7 +218,7 @@ def test_run_check_fails_on_a_wrong_module(softmax_run, tmp_path, capsys):
     commit_record(ms.database.JSONDatabase(work_dir=str(db_dir)), task, sch, target, [1e-9])
     dist = tmp_path / "dist"
     assert cli("build", SOFTMAX, "--schedules", db_dir, "--size", "small", "--target", "llvm", "-o", dist) == 0
-    assert cli("run", dist, "--check", "--seeds", "1", "--repeats", "2") == 1
+    assert cli("run", dist, "--check", "--validation-seeds", "1", "--repeats", "2") == 1
     out = capsys.readouterr().out
     assert "validation: FAILED" in out and "normwise relative error" in out
 

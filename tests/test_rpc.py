@@ -16,7 +16,8 @@ import pytest
 
 from schedsearch.errors import UserError
 from schedsearch.result_codes import lost_worker
-from schedsearch.rpc import parse_runner_spec, retrying_runner
+from schedsearch.options import parse_runner_spec
+from schedsearch.rpc import retrying_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -135,10 +135,10 @@ class LLMProposer:
                                   program_sha256=hashlib.sha256(o.program.encode()).hexdigest()[:16])
 
 
-def make_llm_proposer(run, target_facts: dict, seed: int = 0, llm: str = "openai", llm_model: str | None = None,
-                      concurrency: int = 8, ideas: int = 4, programs_per_idea: int = 2, temperature: float = 0.8,
-                      price_in: float = 0.0, price_out: float = 0.0, wait: bool = True, timeout_s: float = 120.0,
-                      client=None):
+def make_llm_proposer(run, target_facts: dict, seed: int, llm: str, llm_model: str | None, concurrency: int,
+                      ideas: int, programs_per_idea: int, temperature: float, price_in: float, price_out: float,
+                      wait: bool, timeout_s: float, client=None):
+    """Options: options.LLMOptions (their defaults are there)."""
     client = client or make_client(llm, llm_model, run.transcript if run else None, concurrency=concurrency,
                                    timeout_s=timeout_s, price_in=price_in, price_out=price_out, wait=wait)
     factory = lambda task: LLMProposer(client, ideas, programs_per_idea, temperature, seed)
