@@ -41,7 +41,8 @@ class Evaluation:
     """How a compiled module is judged: at the end of tune, for compare's PyTorch baselines, and by `run`."""
     validation_seeds: int = 3  # seeds per input distribution
     # Timed calls of the whole module (and of each PyTorch baseline) after warm-up: the end-to-end numbers.
-    # Not the search's: a trial times its kernel 2 x 2 calls (measure.evaluator_config).
+    # Not the search's: a trial times its kernel in 2 repeats of 2 calls, at least 10 ms a repeat on CUDA
+    # (measure.evaluator_config).
     repeats: int = 20
 
     def __post_init__(self) -> None:
@@ -89,7 +90,7 @@ def add_evaluation_options(p: argparse.ArgumentParser) -> None:
                    help=f"seeds per input distribution (default {Evaluation.validation_seeds})")
     p.add_argument("--repeats", type=positive, default=Evaluation.repeats,
                    help="timed calls of the whole compiled module, and of PyTorch, after warm-up: the end-to-end "
-                        f"numbers (default {Evaluation.repeats}; the search times each candidate 2 x 2 calls)")
+                        f"numbers (default {Evaluation.repeats}; a trial times its kernel in 2 repeats of 2 calls)")
 
 
 def shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
