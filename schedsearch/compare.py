@@ -19,6 +19,7 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
+from . import strategies as known_strategies
 from .errors import INTERRUPTED, DamagedFile, UserError
 from .options import (Evaluation, Tuning, add_cost_model_option, add_evaluation_options, add_llm_options,
                       add_runner_option, evaluation_options, llm_options, positive, strategy_options, tuning_options)
@@ -34,7 +35,8 @@ def add_commands(sub) -> dict:
                                        "time PyTorch baselines, write a report")
     c.add_argument("workloads", nargs="+", help="KernelBench-format .py problem files")
     c.add_argument("-o", "--output", required=True, help="comparison directory")
-    c.add_argument("--strategies", default="ansor,llm", help="comma-separated: ansor, rules, llm, hybrid (default ansor,llm)")
+    c.add_argument("--strategies", default="ansor,llm",
+                   help=f"comma-separated: {', '.join(known_strategies.NAMES)} (default ansor,llm)")
     c.add_argument("--trials", type=positive, default=Tuning.trials,
                    help=f"hardware measurements per task and arm (default {Tuning.trials})")
     c.add_argument("--seeds", type=positive, default=3, help="search seeds per strategy: 0..N-1 (default 3)")
@@ -96,12 +98,10 @@ def cmd_report(args) -> int:
 
 
 def _check_strategies(strategies: list[str]) -> None:
-    from . import strategies as known
-
-    unknown = [s for s in strategies if s not in known.NAMES]
+    unknown = [s for s in strategies if s not in known_strategies.NAMES]
     if unknown or not strategies:
         raise UserError(f"--strategies: unknown {', '.join(unknown) or '(none given)'}: "
-                        f"choose from {', '.join(known.NAMES)}")
+                        f"choose from {', '.join(known_strategies.NAMES)}")
     if len(set(strategies)) != len(strategies):
         raise UserError(f"--strategies names a strategy twice: {','.join(strategies)}")
 
