@@ -253,7 +253,8 @@ def unroll_step(mod) -> int:
 # times a call (over RPC that adds the round trip).
 # The cap's factor and floor are options (options.Tuning: --cap-factor, --min-cap-s); they reach the runner's
 # worker processes as the task's best does, through their environment (share_cap), read when they start.
-BEST_FILE_ENV, CAP_FACTOR_ENV, MIN_CAP_S_ENV = "SCHEDSEARCH_BEST_S_FILE", "SCHEDSEARCH_CAP_FACTOR", "SCHEDSEARCH_MIN_CAP_S"
+BEST_FILE_ENV = "SCHEDSEARCH_BEST_S_FILE"
+CAP_FACTOR_ENV, MIN_CAP_S_ENV = "SCHEDSEARCH_CAP_FACTOR", "SCHEDSEARCH_MIN_CAP_S"
 CAP_FACTOR = float(os.environ.get(CAP_FACTOR_ENV, Tuning.cap_factor))
 MIN_CAP_S = float(os.environ.get(MIN_CAP_S_ENV, Tuning.min_cap_s))  # below this a full measurement is cheap
 LOAD_ALLOWANCE_S = 0.2

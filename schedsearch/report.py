@@ -304,8 +304,9 @@ def _efficiency(wls: list[_Workload]) -> list[tuple]:
         return out + [("p", f"No {arm} arm in this comparison: nothing to measure sample efficiency against.")]
     out.append(("p", f"Trials each arm needed to come within 90% of {arm.capitalize()}'s final best (latency <= best "
                      f"/ 0.9) and to match it (latency <= best). {arm.capitalize()}'s final best: the median over its "
-                     "seeds (the upper middle one for an even count). Cells: median over seeds (the lower middle one for an even count), "
-                     "'never' when more than half the seeds never got there; in brackets, the seeds that did."))
+                     "seeds (the upper middle one for an even count). Cells: median over seeds (the lower middle "
+                     "one for an even count), 'never' when more than half the seeds never got there; in brackets, "
+                     "the seeds that did."))
     rows = []
     for wl in wls:
         for task in wl.curve_names():

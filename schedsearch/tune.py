@@ -23,8 +23,8 @@ from . import cost_models, measure, result_codes
 from .errors import DISK_FULL, INTERRUPTED, DiskFull, UserError, disk_nearly_full, note_disk_full, searching
 from .frontend import Task
 from .options import Evaluation, Tuning, parse_runner_spec
-from .rundir import (RECORDS, Results, RunDir, append_line, drop_cut_tail, file_identity, open_database, repair_database,
-                     write_bytes)
+from .rundir import (RECORDS, Results, RunDir, append_line, drop_cut_tail, file_identity, open_database,
+                     repair_database, write_bytes)
 
 
 @derived_object

@@ -11,7 +11,8 @@ def test_each_code_reads_back_what_was_written():
     assert deferred_token(deferred(7, "still building 12 s into its round")) == 7
     assert deferred_token("build failed: deferred #7: not ours") is None and deferred_token(None) is None
     assert is_capped(capped(0.5)) and not is_capped([0.5, 0.5])
-    assert worker_killed(f"build failed: {WORKER_KILLED}") and not worker_killed("build failed: x") and not worker_killed(None)
+    assert worker_killed(f"build failed: {WORKER_KILLED}")
+    assert not worker_killed("build failed: x") and not worker_killed(None)
     assert lost_worker("... Connection reset by peer") and not lost_worker("CUDA error") and not lost_worker(None)
 
 
