@@ -35,8 +35,8 @@ def main() -> None:
 
     run = RunDir(Path(args.run_dir))
     res = run.read_results()
-    wl = workload.load(res["workload"]["path"], res["workload"]["size"])
-    arms = {"baseline x86-64": Target({"kind": "llvm", "num-cores": res["device"]["cores"]}),
+    wl = workload.load(res.workload["path"], res.workload["size"])
+    arms = {"baseline x86-64": Target({"kind": "llvm", "num-cores": res.device["cores"]}),
             "host": targets.resolve("llvm" + (f" -mcpu={args.mcpu}" if args.mcpu else ""))}
     db = ms.database.JSONDatabase(work_dir=str(run.database))
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,7 @@ from pathlib import Path
 from tvm.s_tir import meta_schedule as ms
 
 from compile_work import scheduled
-from schedsearch import measure, target as targets
+from schedsearch import measure, result_codes, target as targets
 from schedsearch.report import fmt_us, table
 
 ROUND = 64
@@ -51,15 +51,15 @@ def replay(arm: str, records, target, cores: int, defer: bool) -> dict:
         t0 = time.time()
         built = builder.build([ms.builder.BuilderInput(m, target) for m in mods])
         t1 = time.time()
-        deferred += sum(measure.deferred_token(b.error_msg) is not None for b in built)
+        deferred += sum(result_codes.deferred_token(b.error_msg) is not None for b in built)
         results += [ms.runner.RunnerResult(None, b.error_msg) for b in built
-                    if b.error_msg is not None and measure.deferred_token(b.error_msg) is None]
+                    if b.error_msg is not None and result_codes.deferred_token(b.error_msg) is None]
         inputs = [ms.runner.RunnerInput(b.artifact_path, device_type, ms.arg_info.ArgInfo.from_entry_func(m, True))
                   for b, m in zip(built, mods) if b.error_msg is None]
         ran = [f.result() for f in runner.run(inputs)]
         t2 = time.time()
-        deferred += sum(measure.deferred_token(r.error_msg) is not None for r in ran)
-        results += [r for r in ran if measure.deferred_token(r.error_msg) is None]
+        deferred += sum(result_codes.deferred_token(r.error_msg) is not None for r in ran)
+        results += [r for r in ran if result_codes.deferred_token(r.error_msg) is None]
         last = start + ROUND >= len(records)
         results += [r for _, _, r in (runner.take_late(wait=last) if arm != "stock" else [])]
         build_s, run_s = build_s + t1 - t0, run_s + time.time() - t1  # waits for deferred ones count as run

@@ -7,26 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-from . import compare, export, library, llm_bridge, rpc
+from . import compare, export, llm_bridge, rpc, strategies
 from .errors import INTERRUPTED, INTERRUPTED_MESSAGE, UserError, catch_interrupts, os_error_message
-
-
-def _shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
-    try:
-        name, dims = text.split("=", 1)
-        return name, tuple(int(d) for d in dims.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,..., got {text!r}") from None
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
+from .options import (Tuning, add_cost_model_option, add_evaluation_options, add_library_option, add_llm_options,
+                      add_runner_option, add_shared_memory_option, add_target_options, evaluation_options,
+                      llm_options, positive, shape_arg, strategy_options, tuning_options)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,16 +23,16 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="tune a workload and write a run directory")
     t.add_argument("workload", help="KernelBench-format .py problem file or .onnx file")
     t.add_argument("-o", "--output", help="run directory (default runs/<workload>-<strategy>)")
-    t.add_argument("--strategy", default="ansor", help="ansor | rules | llm | hybrid (default ansor)")
-    t.add_argument("--trials", type=_positive, default=64, help="hardware measurements per task (default 64)")
-    t.add_argument("--target", default="auto", help="auto | llvm | cuda | h100 | h200 | 'llvm -mcpu=CPU [-mattr=+F,-G] [-num-cores=N]' (auto: cuda if a GPU is visible, else llvm for this CPU; a GPU not here is built for with nvcc and measured through --runner rpc://)")
-    t.add_argument("--arch", help="CUDA arch to build for, e.g. sm_90a (default: the GPU's here; required for cuda without one)")
+    t.add_argument("--strategy", default=Tuning.strategy,
+                   help=f"{' | '.join(strategies.NAMES)} (default {Tuning.strategy})")
+    t.add_argument("--trials", type=positive, default=Tuning.trials,
+                   help=f"hardware measurements per task (default {Tuning.trials})")
+    add_target_options(t)
     t.add_argument("--size", default="default", help="workload size from its SIZES dict, e.g. small")
-    t.add_argument("--input-shape", type=_shape_arg, action="append", default=[],
+    t.add_argument("--input-shape", type=shape_arg, action="append", default=[],
                    help="NAME=D0,D1,... for an ONNX input with dynamic dimensions (repeatable)")
-    t.add_argument("--seed", type=int, default=0, help="search seed")
-    t.add_argument("--validation-seeds", type=_positive, default=3, help="seeds per input distribution (default 3)")
-    t.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")
+    t.add_argument("--seed", type=int, default=Tuning.seed, help=f"search seed (default {Tuning.seed})")
+    add_evaluation_options(t)
     add_runner_option(t)
     add_cost_model_option(t)
     add_shared_memory_option(t)
@@ -57,7 +42,15 @@ def parser() -> argparse.ArgumentParser:
     COMMANDS.update(compare.add_commands(sub))
     COMMANDS.update(rpc.add_commands(sub))
     COMMANDS.update(llm_bridge.add_commands(sub))
-    COMMANDS.update(library.add_commands(sub))
+
+    lib = sub.add_parser("library", help="the program library: measured programs kept by kernel structure")
+    b = lib.add_subparsers(dest="library_command", required=True).add_parser(
+        "build", help="build a library from run dirs and databases")
+    b.add_argument("sources", nargs="+", type=Path,
+                   help="run dirs, databases, or directories holding them (e.g. schedules/nvidia-h200)")
+    b.add_argument("-o", "--output", required=True, type=Path, help="library file, e.g. schedules/library/cuda.json")
+    b.add_argument("--per-structure", type=positive, default=8,
+                   help="programs kept per kernel structure and target kind, fastest first (default 8)")
 
     m = sub.add_parser("train-cost-model", help="train the search's XGBoost cost model on measured databases")
     m.add_argument("databases", nargs="+", type=Path,
@@ -69,77 +62,6 @@ def parser() -> argparse.ArgumentParser:
                    help="fraction of each workload's records kept out for the ranking score (default 0.2)")
     m.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
     return p
-
-
-def add_runner_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runner", default="local", metavar="SPEC",
-                   help="where candidates are measured: local | rpc://HOST:PORT/KEY (see `schedsearch tracker`)")
-
-
-def add_shared_memory_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shared-memory", default="stock", metavar="stock|max|KB",
-                   help="CUDA: shared memory per block the search allows, for every strategy but ansor (which keeps "
-                        "TVM's): stock (default: what the device reports, 48 KB) | max (the GPU's opt-in limit, 227 KB "
-                        "on an H100/H200; kernels over 48 KB use dynamic shared memory) | KB")
-
-
-def add_cost_model_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cost-model", default="none", metavar="SPEC",
-                   help="where every strategy's XGBoost cost model starts: none (default: from nothing) | auto "
-                        "(cost_models/<this device>/ if there, else none) | DIR (from train-cost-model) | FILE "
-                        "(a run's cost_model.tar, same device; unpickled, so trusted run dirs only)")
-
-
-def add_library_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--library", default="auto", metavar="SPEC",
-                   help="rules, and hybrid without a model: measured programs of earlier runs for kernels of the same "
-                        "structure make each task's first round: auto (default: schedules/library/<target kind>.json "
-                        "if there) | none | PATH (from schedsearch library build)")
-
-
-def add_llm_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("LLM search (--strategy llm, hybrid)")
-    g.add_argument("--llm", metavar="SPEC",
-                   help="openai (OPENAI_BASE_URL, OPENAI_API_KEY) | replay:TRANSCRIPT.jsonl | files:DIR "
-                        "(default openai; for hybrid, openai when OPENAI_BASE_URL is set, else no model: rules)")
-    g.add_argument("--llm-model", help="model name (default: OPENAI_MODEL, else the endpoint's first model)")
-    g.add_argument("--llm-concurrency", type=_positive, default=8, help="requests in flight at once (default 8)")
-    g.add_argument("--llm-ideas", type=_positive, default=4, help="ideas asked for per round (default 4)")
-    g.add_argument("--llm-programs-per-idea", type=_positive, default=2, help="programs per idea (default 2)")
-    g.add_argument("--llm-temperature", type=float, default=0.8)
-    g.add_argument("--llm-exchange", choices=("ideas", "programs"), default="ideas",
-                   help="ideas: a round asks for ideas, then programs for each (two exchanges); programs: for "
-                        "programs directly, each with its idea in a comment (one exchange a round; default ideas)")
-    g.add_argument("--llm-timeout", type=float, default=300.0,
-                   help="seconds per request to an endpoint (default 300; files:DIR waits as long as it takes)")
-    g.add_argument("--llm-price-in", type=float, default=0.0, help="USD per 1M prompt tokens, for the cost column")
-    g.add_argument("--llm-price-out", type=float, default=0.0, help="USD per 1M completion tokens")
-    g.add_argument("--no-wait", action="store_true",
-                   help="with --llm files:DIR, stop after writing requests instead of waiting for answers")
-    g.add_argument("--hybrid-stall-trials", type=_positive, default=64,
-                   help="hybrid: evolution trials without a 1%% faster kernel before the next proposal round (default 64)")
-
-
-def llm_options(args, strategy: str | None = None) -> dict:
-    """The LLM's options for `strategy` (default: args.strategy); hybrid without a model gets {"llm": None}."""
-    strategy = strategy or args.strategy
-    if strategy not in ("llm", "hybrid"):
-        return {}
-    llm = args.llm or ("openai" if strategy == "llm" or os.environ.get("OPENAI_BASE_URL") else None)
-    hybrid = {"stall_trials": args.hybrid_stall_trials} if strategy == "hybrid" else {}
-    if llm is None:
-        return {"llm": None, **hybrid}
-    return {**hybrid, "llm": llm, "llm_model": args.llm_model, "concurrency": args.llm_concurrency,
-            "ideas": args.llm_ideas, "programs_per_idea": args.llm_programs_per_idea, "exchange": args.llm_exchange,
-            "temperature": args.llm_temperature, "timeout_s": args.llm_timeout,
-            "price_in": args.llm_price_in, "price_out": args.llm_price_out, "wait": not args.no_wait}
-
-
-def strategy_options(args, strategy: str | None = None) -> dict:
-    """llm_options, and for rules and hybrid the program library (`--library`)."""
-    strategy = strategy or args.strategy
-    library = {"library": args.library} if strategy in ("rules", "hybrid") else {}
-    return {**llm_options(args, strategy), **library}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,6 +109,9 @@ def cmd_workloads(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    # Every option checked first (an unknown strategy, a bad runner): nothing imported, loaded or written before.
+    tuning, evaluation = tuning_options(args, args.strategy, args.seed), evaluation_options(args)
+    options = strategy_options(args, args.strategy, llm_options(args))
     from . import target as targets, workload as workloads
     from .report import summary_table
     from .rundir import RunDir
@@ -197,14 +122,10 @@ def cmd_tune(args) -> int:
     run = RunDir(Path(args.output or f"runs/{wl.name}-{args.strategy}"))
     print(f"tuning {wl.name} ({wl.size}) with {args.strategy} on {target.kind.name} "
           f"({targets.facts(target)['name']}), {args.trials} trials per task -> {run.root}", file=sys.stderr)
-    results = tune_workload(wl, target, run, strategy=args.strategy, trials=args.trials, seed=args.seed,
-                            validation_seeds=args.validation_seeds, repeats=args.repeats,
-                            command=args.command_line, strategy_options=strategy_options(args),
-                            cost_model=args.cost_model, runner_spec=args.runner,
-                            shared_memory=args.shared_memory)
+    results = tune_workload(wl, target, run, tuning, evaluation, strategy_options=options, command=args.command_line)
     print(summary_table(results))
-    if not results["validation"]["passed"]:
-        what = "VALIDATION FAILED" if results["validation"]["failed"] else "NOT VALIDATED: no check could be made"
+    if not results.validation["passed"]:
+        what = "VALIDATION FAILED" if results.validation["failed"] else "NOT VALIDATED: no check could be made"
         print(f"schedsearch: error: {what} for {wl.name}: see {run.results}", file=sys.stderr)
         return 1
     return 0
@@ -224,4 +145,16 @@ def cmd_train_cost_model(args) -> int:
     return 0
 
 
-COMMANDS = {"workloads": cmd_workloads, "tune": cmd_tune, "train-cost-model": cmd_train_cost_model}
+def cmd_library(args) -> int:
+    from . import library
+
+    made = library.build(args.sources, args.output, args.per_structure)
+    print(f"{args.output}: {made['entries']} programs of {made['structures']} kernel structures "
+          f"(of {made['measured']} measured records; {made['skipped']} outside the schedule language or not "
+          "re-applicable)",
+          file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"workloads": cmd_workloads, "tune": cmd_tune, "library": cmd_library,
+            "train-cost-model": cmd_train_cost_model}

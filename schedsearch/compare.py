@@ -16,10 +16,15 @@ import json
 import shutil
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
+from . import strategies as known_strategies
 from .errors import INTERRUPTED, DamagedFile, UserError
-from .rundir import RunDir, write_json
+from .options import (Evaluation, Tuning, add_cost_model_option, add_evaluation_options, add_library_option,
+                      add_llm_options, add_runner_option, add_shared_memory_option, evaluation_options, llm_options,
+                      positive, strategy_options, tuning_options)
+from .rundir import Results, RunDir, write_json
 
 SCHEMA = 1
 COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune"}
@@ -27,22 +32,20 @@ COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune"}
 
 def add_commands(sub) -> dict:
     """Adds `compare` and `report` to the CLI's subparsers; returns {command: handler(args) -> exit code}."""
-    from .cli import (_positive, add_cost_model_option, add_library_option, add_llm_options, add_runner_option,
-                      add_shared_memory_option)
-
     c = sub.add_parser("compare", help="tune workloads with several strategies and seeds at equal budgets, "
                                        "time PyTorch baselines, write a report")
     c.add_argument("workloads", nargs="+", help="KernelBench-format .py problem files")
     c.add_argument("-o", "--output", required=True, help="comparison directory")
-    c.add_argument("--strategies", default="ansor,llm", help="comma-separated: ansor, rules, llm, hybrid (default ansor,llm)")
-    c.add_argument("--trials", type=_positive, default=64, help="hardware measurements per task and arm (default 64)")
-    c.add_argument("--seeds", type=_positive, default=3, help="search seeds per strategy: 0..N-1 (default 3)")
+    c.add_argument("--strategies", default="ansor,llm",
+                   help=f"comma-separated: {', '.join(known_strategies.NAMES)} (default ansor,llm)")
+    c.add_argument("--trials", type=positive, default=Tuning.trials,
+                   help=f"hardware measurements per task and arm (default {Tuning.trials})")
+    c.add_argument("--seeds", type=positive, default=3, help="search seeds per strategy: 0..N-1 (default 3)")
     c.add_argument("--size", default="default", help="workload size from each file's SIZES dict, e.g. small")
     c.add_argument("--target", default="auto", help="auto | llvm | cuda | 'llvm -mcpu=CPU ...'")
-    c.add_argument("--validation-seeds", type=_positive, default=3, help="seeds per input distribution (default 3)")
-    c.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")
+    add_evaluation_options(c)
     c.add_argument("--arms-from", metavar="DIR", help="copy finished arms of an earlier comparison instead of tuning")
-    c.add_argument("--parallel", type=_positive, default=1, metavar="N",
+    c.add_argument("--parallel", type=positive, default=1, metavar="N",
                    help="run N jobs at once, one process each, CPU cores split between them; on CUDA each "
                         "process gets its own GPU (default 1). On CPU targets parallel measurements disturb "
                         "each other: use it there for smoke tests only")
@@ -66,21 +69,19 @@ def _add_peak_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_compare(args) -> int:
-    from .cli import llm_options, strategy_options
     from .llm_client import PendingResponses
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    llm = llm_options(args, "llm") if "llm" in strategies else {}
-    hybrid = strategy_options(args, "hybrid") if "hybrid" in strategies else {}  # {"llm": None, ...}: no model
-    rules = strategy_options(args, "rules") if "rules" in strategies else {}
+    _check_strategies(strategies)
+    tuning, llm = tuning_options(args, strategies[0], 0), llm_options(args)
     out = Path(args.output)
-    summary = compare(args.workloads, out, strategies, args.trials, args.seeds, size=args.size, target_name=args.target,
-                      validation_seeds=args.validation_seeds, repeats=args.repeats, llm=llm, hybrid=hybrid, rules=rules,
+    summary = compare(args.workloads, out, strategies, args.seeds, tuning, evaluation_options(args),
+                      size=args.size, target_name=args.target,
+                      strategy_options={s: strategy_options(args, s, llm) for s in strategies},
                       arms_from=Path(args.arms_from) if args.arms_from else None,
                       compile_baselines=not args.no_compile_baselines,
                       peaks={"tflops": args.peak_tflops, "gbs": args.peak_gbs},
-                      command=args.command_line, runner_spec=args.runner, parallel=args.parallel,
-                      cost_model=args.cost_model, shared_memory=args.shared_memory)
+                      command=args.command_line, parallel=args.parallel)
     paths = write_report(out)
     print(f"report: {', '.join(map(str, paths))}", file=sys.stderr)
     for arm, error in summary["errors"].items():
@@ -99,28 +100,32 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _check_strategies(strategies: list[str]) -> None:
+    unknown = [s for s in strategies if s not in known_strategies.NAMES]
+    if unknown or not strategies:
+        raise UserError(f"--strategies: unknown {', '.join(unknown) or '(none given)'}: "
+                        f"choose from {', '.join(known_strategies.NAMES)}")
+    if len(set(strategies)) != len(strategies):
+        raise UserError(f"--strategies names a strategy twice: {','.join(strategies)}")
+
+
 def arm_name(strategy: str, seed: int) -> str:
     return f"{strategy}-s{seed}"
 
 
-def compare(workload_paths: list[str], out: Path, strategies: list[str], trials: int, seeds: int, *,
-            size: str = "default", target_name: str = "auto", validation_seeds: int = 3, repeats: int = 20,
-            llm: dict | None = None, hybrid: dict | None = None, rules: dict | None = None, arms_from: Path | None = None, compile_baselines: bool = True,
-            peaks: dict | None = None, command: list[str] | None = None, runner_spec: str = "local",
-            parallel: int = 1, cost_model: str = "none", shared_memory: str = "stock") -> dict:
+def compare(workload_paths: list[str], out: Path, strategies: list[str], seeds: int, tuning: Tuning = Tuning(),
+            evaluation: Evaluation = Evaluation(), *, size: str = "default", target_name: str = "auto",
+            strategy_options: dict[str, dict] | None = None, arms_from: Path | None = None, compile_baselines: bool = True,
+            peaks: dict | None = None, command: list[str] | None = None, parallel: int = 1) -> dict:
     """Runs (or resumes) every arm and the baselines. Returns {"errors": {arm: traceback}, "invalid": [arm],
-    "pending": [PendingResponses]}: one arm failing does not stop the others. `cost_model`: where every arm's
-    XGBoost model starts (cost_models.start); `shared_memory`: the arms' but ansor's (tune_workload)."""
-    from . import cost_models, strategies as known, target as targets, workload as workloads
+    "pending": [PendingResponses]}: one arm failing does not stop the others. `tuning`: every arm's, each with
+    its own strategy and seed 0..seeds-1; `strategy_options`: {strategy: its options (options.strategy_options)}."""
+    trials = tuning.trials
+    from . import cost_models, target as targets, workload as workloads
     from .shared_memory import search_limit as shared_memory_limit
     from .llm_client import PendingResponses
 
-    unknown = [s for s in strategies if s not in known.NAMES]
-    if unknown or not strategies:
-        raise UserError(f"--strategies: unknown {', '.join(unknown) or '(none given)'}: "
-                        f"choose from {', '.join(known.NAMES)}")
-    if len(set(strategies)) != len(strategies):
-        raise UserError(f"--strategies names a strategy twice: {','.join(strategies)}")
+    _check_strategies(strategies)
     if arms_from is not None and not (arms_from / "compare.json").is_file():
         raise UserError(f"--arms-from {arms_from}: not a comparison directory (no compare.json)")
     loaded = [workloads.load(p, size) for p in workload_paths]
@@ -133,8 +138,8 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
         raise UserError(f"--target {target_name}: compare times PyTorch's baselines on the GPU itself, and "
                         f"{targets.facts(target)['name']} is not on this machine: run it on that GPU's host "
                         "(`schedsearch tune --runner rpc://...` tunes for it from here)")
-    cost_models.start(cost_model, target)  # a bad --cost-model fails before any work (each arm starts its own)
-    shared_memory_limit(shared_memory, target, "hybrid")  # a bad --shared-memory too
+    cost_models.start(tuning.cost_model, target)  # a bad --cost-model fails before any work (each arm starts its own)
+    shared_memory_limit(tuning.shared_memory, target, "hybrid")  # a bad --shared-memory too
     for wl in loaded:  # refuse a mismatched directory before writing anything into it
         for strategy in strategies:
             for seed in range(seeds):
@@ -147,10 +152,11 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
         "strategies": strategies, "seeds": list(range(seeds)),
         "trials_per_task": trials, "size": size, "target": str(target),
         "workloads": [{"name": w.name, "path": str(w.path)} for w in loaded],
-        "validation_seeds": validation_seeds, "repeats": repeats, "compile_baselines": compile_baselines,
-        "peaks": peaks or {}, "llm": {k: v for k, v in (llm or {}).items() if k != "client"},
-        **({"hybrid": hybrid} if hybrid else {}), **({"rules": rules} if rules else {}),
-        "arms_from": str(arms_from) if arms_from else None, "parallel": parallel, "cost_model": cost_model})
+        "validation_seeds": evaluation.validation_seeds, "repeats": evaluation.repeats,
+        "compile_baselines": compile_baselines,
+        "peaks": peaks or {},
+        **{s: {k: v for k, v in o.items() if k != "client"} for s, o in (strategy_options or {}).items() if o},
+        "arms_from": str(arms_from) if arms_from else None, "parallel": parallel, "cost_model": tuning.cost_model})
 
     jobs = []  # baselines first: on several GPUs they then run while the first arms tune
     for wl in loaded:
@@ -168,10 +174,8 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
                 else:
                     print(f"{wl.name}/{arm_name(strategy, seed)}: finished earlier, skipped", file=sys.stderr)
     settings = {"out": str(out), "workloads": {w.name: str(w.path) for w in loaded}, "size": size,
-                "target": target.kind.name, "target_str": str(target), "trials": trials,
-                "validation_seeds": validation_seeds, "repeats": repeats, "llm": llm or {}, "hybrid": hybrid or {}, "rules": rules or {},
-                "compile_baselines": compile_baselines, "command": command, "runner_spec": runner_spec,
-                "cost_model": cost_model, "shared_memory": shared_memory}
+                "target": target.kind.name, "target_str": str(target), "tuning": tuning, "evaluation": evaluation,
+                "strategy_options": strategy_options or {}, "compile_baselines": compile_baselines, "command": command}
     if parallel > 1:
         outcomes = _run_parallel(jobs, settings, parallel, gpu=targets.is_gpu(target))
     else:
@@ -194,7 +198,7 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], trials:
         for strategy in strategies:
             for seed in range(seeds):
                 results = finished(RunDir(out / wl.name / arm_name(strategy, seed)), wl, target, trials)
-                if results is not None and not results["validation"]["passed"]:
+                if results is not None and not results.validation["passed"]:
                     summary["invalid"].append(f"{wl.name}/{arm_name(strategy, seed)}")
     return summary
 
@@ -211,21 +215,18 @@ def _run_job(job: dict, settings: dict, context: dict) -> dict:
         try:
             (out / wl.name).mkdir(parents=True, exist_ok=True)
             write_json(out / wl.name / "baselines.json",
-                       time_baselines(wl, target, settings["repeats"], settings["compile_baselines"]))
+                       time_baselines(wl, target, settings["evaluation"].repeats, settings["compile_baselines"]))
         except Exception:
             return {"label": label, "error": traceback.format_exc()}
         return {"label": label}
-    strategy, seed, trials = job["strategy"], job["seed"], settings["trials"]
+    strategy, seed = job["strategy"], job["seed"]
+    tuning = replace(settings["tuning"], strategy=strategy, seed=seed)
     label = f"{wl.name}/{arm_name(strategy, seed)}"
     run = RunDir(out / wl.name / arm_name(strategy, seed))
-    print(f"{label}: tuning with {strategy}, seed {seed}, {trials} trials per task", file=sys.stderr)
+    print(f"{label}: tuning with {strategy}, seed {seed}, {tuning.trials} trials per task", file=sys.stderr)
     try:
-        tune_workload(wl, target, run, strategy=strategy, trials=trials, seed=seed,
-                      validation_seeds=settings["validation_seeds"], repeats=settings["repeats"],
-                      command=settings["command"],
-                      strategy_options=settings.get(strategy) if strategy in ("llm", "hybrid", "rules") else None,
-                      runner_spec=settings["runner_spec"], cost_model=settings.get("cost_model"),
-                      shared_memory=settings.get("shared_memory", "stock"))
+        tune_workload(wl, target, run, tuning, settings["evaluation"],
+                      strategy_options=settings["strategy_options"].get(strategy) or None, command=settings["command"])
     except PendingResponses as e:
         return {"label": label, "pending": (e.directory, e.paths)}
     except UserError as e:
@@ -362,7 +363,7 @@ def _run_parallel(jobs: list[dict], settings: dict, n: int, gpu: bool) -> list[d
     return outcomes
 
 
-def finished(run: RunDir, workload, target, trials: int) -> dict | None:
+def finished(run: RunDir, workload, target, trials: int) -> Results | None:
     """The arm's results if it already spent exactly this budget on this workload/size/target, else None."""
     if not run.results.is_file():
         return None
@@ -371,12 +372,12 @@ def finished(run: RunDir, workload, target, trials: int) -> dict | None:
     except DamagedFile as e:  # the arm is tuned again: it spends only the trials still missing, then rewrites it
         print(f"schedsearch: warning: {e.path} is damaged: rebuilding it from the arm's database", file=sys.stderr)
         return None
-    if (res["workload"]["sha256"], res["workload"]["size"], res["target"]) != (workload.sha256, workload.size, str(target)):
+    if (res.workload["sha256"], res.workload["size"], res.target) != (workload.sha256, workload.size, str(target)):
         raise UserError(f"{run.root} holds a run of another workload, size or target: choose another -o")
-    if res["trials_per_task"] > trials:
-        raise UserError(f"{run.root} already spent {res['trials_per_task']} trials per task, more than --trials "
+    if res.trials_per_task > trials:
+        raise UserError(f"{run.root} already spent {res.trials_per_task} trials per task, more than --trials "
                         f"{trials}: an unequal budget is no comparison; choose another -o or --trials")
-    return res if res["trials_per_task"] == trials else None
+    return res if res.trials_per_task == trials else None
 
 
 def _reuse(source: RunDir, run: RunDir, workload, target, trials: int) -> None:
@@ -404,7 +405,7 @@ def _same_baselines(path: Path, workload, target, compile_baselines: bool) -> bo
             and wanted <= set(old["baselines"]))
 
 
-def time_baselines(workload, target, repeats: int = 20, compile_baselines: bool = True) -> dict:
+def time_baselines(workload, target, repeats: int, compile_baselines: bool = True) -> dict:
     """PyTorch eager and torch.compile (default, max-autotune) on validation's seed-0 inputs, with the
     timing method TVM's module gets in evaluate(); also the bytes the workload must move at least once."""
     import torch

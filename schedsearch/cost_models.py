@@ -31,6 +31,7 @@ from tvm.s_tir.schedule import Schedule
 
 from . import records, target as targets
 from .errors import UserError
+from .rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent / "cost_models"
 FORMAT = 1
@@ -226,10 +227,10 @@ def find_databases(paths: list[Path]) -> list[Path]:
 
 def measured_on(database: Path, device: str | None) -> tuple[str, list[str]]:
     """The device that measured `database` and its tasks' names, from the run's results.json beside it."""
-    for results in (database / "results.json", database.parent / "results.json"):
-        if results.is_file():
-            data = json.loads(results.read_text())
-            return data["device"]["name"], [t["name"] for t in data.get("tasks", [])]
+    for run in (RunDir(database), RunDir(database.parent)):
+        if run.results.is_file():
+            results = run.read_results()
+            return results.device["name"], [t["name"] for t in results.tasks]
     if device is None:
         raise UserError(f"{database}: no results.json beside it says which device measured it: pass --device NAME")
     return device, []

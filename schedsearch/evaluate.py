@@ -23,14 +23,14 @@ def torch_settings() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-def evaluate(workload: Workload, module: CompiledModule, seeds: int = 3, repeats: int = 20) -> dict:
+def evaluate(workload: Workload, module: CompiledModule, seeds: int, repeats: int) -> dict:
     torch_settings()
     checks = validate.validate(workload, lambda xs: module(*xs), module.device, seeds=seeds)
     return {"validation": validate.summary(checks), "checks": [c.as_dict() for c in checks],
             "timing": time_against_eager(workload, module, repeats)}
 
 
-def evaluate_on_worker(workload: Workload, module, seeds: int = 3, repeats: int = 20) -> dict:
+def evaluate_on_worker(workload: Workload, module, seeds: int, repeats: int) -> dict:
     """evaluate() for a module run on an RPC worker (rpc.WorkerModule): the same validation, its references
     computed here by PyTorch on the CPU; TVM timed on the worker by TVM's evaluator. The worker runs no
     PyTorch, so eager is not timed: `schedsearch run DIST --check` on that GPU's host times both."""
@@ -45,7 +45,7 @@ WORKER_METHOD = ("on the RPC worker: TVM's time_evaluator, median of single call
                  "PyTorch eager not timed (the worker runs no PyTorch)")
 
 
-def time_against_eager(workload: Workload, module: CompiledModule, repeats: int = 20) -> dict:
+def time_against_eager(workload: Workload, module: CompiledModule, repeats: int) -> dict:
     """TVM and PyTorch eager on the same inputs, timed the same way (eager in a process of its own)."""
     torch_settings()
     device = module.device

@@ -5,7 +5,7 @@
     <dist>/database/        the MetaSchedule database the module was built from
     <dist>/<workload file>  a copy of the program it computes: `run --check` compares against it
 
-Only the standard library is imported at module level: the CLI imports this file for its parsers.
+Nothing heavy (TVM, torch) is imported at module level: the CLI imports this file for its parsers.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .options import Evaluation, evaluation_options
 from .rundir import RunDir, file_identity, write_json
 
 MANIFEST_SCHEMA = 1
@@ -40,21 +41,21 @@ def export_run(run_dir: str | Path, dist_dir: str | Path) -> dict:
         res = run.read_results()
     except (ValueError, KeyError) as e:
         raise UserError(str(e)) from e
-    vouched = res.get("module")  # None in runs made before results.json named its module
+    vouched = res.module  # None in runs made before results.json named its module
     if vouched is not None and file_identity(run.module) != vouched:
         raise UserError(f"{run.module} is not the module {run.results.name} validated (its size or sha256 differs: "
                         "a tune was stopped between writing the two): run the same tune command again, then export")
-    if not res["validation"]["passed"] and res["validation"]["failed"]:
-        raise UserError(f"{run.root}: the module FAILED validation when it was tuned ({res['validation']['failed']} "
-                        f"of {res['validation']['checks']} checks): it computes something else, not exporting it")
-    if not res["validation"]["passed"]:
+    if not res.validation["passed"] and res.validation["failed"]:
+        raise UserError(f"{run.root}: the module FAILED validation when it was tuned ({res.validation['failed']} "
+                        f"of {res.validation['checks']} checks): it computes something else, not exporting it")
+    if not res.validation["passed"]:
         raise UserError(f"{run.root}: no validation check could be made when it was tuned (the reference was NaN/Inf "
                         "everywhere: declare the inputs' domains with INPUT_DOMAINS and tune again): not exporting it")
-    wl = res["workload"]
+    wl = res.workload
     source = _checked_source(Path(wl["path"]), wl["sha256"], f"the workload recorded in {run.results}")
     inputs = wl["inputs"]
     outputs = _output_specs(source if source.suffix == ".onnx" else run.onnx, {i["name"]: i["shape"] for i in inputs})
-    device = res["device"]
+    device = res.device
     with _staged(Path(dist_dir)) as dist:
         shutil.copytree(run.database, dist / DATABASE)
         shutil.copyfile(run.module, dist / MODULE)
@@ -63,15 +64,15 @@ def export_run(run_dir: str | Path, dist_dir: str | Path) -> dict:
             raise UserError(f"{run.module} changed while it was exported: export again")
         manifest = {
             "schema": MANIFEST_SCHEMA, "made_by": "export", "inputs": inputs, "outputs": outputs,
-            "target": res["target"], "target_kind": device["kind"], "arch": _arch(device),
-            "device": device, "versions": res["versions"],
+            "target": res.target, "target_kind": device["kind"], "arch": _arch(device),
+            "device": device, "versions": res.versions,
             "workload": {**_copy_workload(source, wl["sha256"], wl["size"], wl["name"], dist),
                          "weights_sha256": wl.get("weights_sha256")},  # None where tune did not record it
             "module": module,
-            "strategy": res["strategy"], "trials_per_task": res["trials_per_task"],
-            "tasks": [{k: v for k, v in t.items() if k != "curve"} for t in res["tasks"]],
-            "validation": res["validation"], "timing": res["timing"],
-            "source": {"run_dir": str(run.root.resolve()), "command": res.get("command")},
+            "strategy": res.strategy, "trials_per_task": res.trials_per_task,
+            "tasks": [{k: v for k, v in t.items() if k != "curve"} for t in res.tasks],
+            "validation": res.validation, "timing": res.timing,
+            "source": {"run_dir": str(run.root.resolve()), "command": res.command},
         }
         write_json(dist / MANIFEST, manifest)
     return manifest
@@ -390,7 +391,7 @@ def load(path: str | Path) -> ExportedModule:
 
 # ---------------------------------------------------------------- checking
 
-def check(path: str | Path, seeds: int = 3, repeats: int = 20) -> dict:
+def check(path: str | Path, seeds: int = Evaluation.validation_seeds, repeats: int = Evaluation.repeats) -> dict:
     """Validate a dist dir against its copy of the workload (several seeds and distributions)
     and time it against PyTorch eager: evaluate.evaluate's dict."""
     from .evaluate import evaluate
@@ -399,7 +400,7 @@ def check(path: str | Path, seeds: int = 3, repeats: int = 20) -> dict:
     return evaluate(workload, module.compiled, seeds=seeds, repeats=repeats)
 
 
-def time_only(path: str | Path, repeats: int = 20) -> dict:
+def time_only(path: str | Path, repeats: int = Evaluation.repeats) -> dict:
     """Time a dist dir and PyTorch eager on the workload's inputs, without validating."""
     from .evaluate import time_against_eager
 
@@ -429,7 +430,7 @@ def _load_with_workload(path: str | Path):
 
 def add_commands(sub) -> dict:
     """Adds export, build and run to an argparse subparsers object; returns {command: handler}."""
-    from .cli import _positive, _shape_arg
+    from .options import add_evaluation_options, add_target_options, shape_arg
 
     e = sub.add_parser("export", help="package a tuned run directory as a loadable module")
     e.add_argument("run_dir", help="run directory written by `schedsearch tune`")
@@ -440,15 +441,14 @@ def add_commands(sub) -> dict:
     b.add_argument("--schedules", required=True, metavar="DIR", help="a run directory or a MetaSchedule database")
     b.add_argument("-o", "--output", help="dist directory (default dist/<workload>)")
     b.add_argument("--size", default="default", help="workload size from its SIZES dict, e.g. small")
-    b.add_argument("--target", default="auto", help="auto | llvm | cuda | h100 | h200 | 'llvm -mcpu=CPU [-mattr=+F,-G] [-num-cores=N]' (auto: cuda if a GPU is visible, else llvm for this CPU)")
-    b.add_argument("--input-shape", type=_shape_arg, action="append", default=[],
+    add_target_options(b, cross_compile=False)
+    b.add_argument("--input-shape", type=shape_arg, action="append", default=[],
                    help="NAME=D0,D1,... for an ONNX input with dynamic dimensions (repeatable)")
 
     r = sub.add_parser("run", help="time an exported module against PyTorch eager; --check validates it too")
     r.add_argument("dist", help="dist directory written by export or build")
     r.add_argument("--check", action="store_true", help="validate against the PyTorch reference first")
-    r.add_argument("--seeds", type=_positive, default=3, help="seeds per input distribution (default 3)")
-    r.add_argument("--repeats", type=_positive, default=20, help="timed calls per measurement (default 20)")
+    add_evaluation_options(r)
     return {"export": cmd_export, "build": cmd_build, "run": cmd_run}
 
 
@@ -478,7 +478,8 @@ def cmd_run(args) -> int:
     from .report import fmt_us, speedup_text
 
     if args.check:
-        measured = check(args.dist, seeds=args.seeds, repeats=args.repeats)
+        evaluation = evaluation_options(args)
+        measured = check(args.dist, seeds=evaluation.validation_seeds, repeats=evaluation.repeats)
         from .validate import verdict
 
         v, tm = measured["validation"], measured["timing"]
@@ -488,7 +489,7 @@ def cmd_run(args) -> int:
         for f in v["failures"]:
             print(f"  seed {f['seed']} {f['distribution']}: {f['problem']}")
     else:
-        v, tm = None, time_only(args.dist, repeats=args.repeats)
+        v, tm = None, time_only(args.dist, repeats=evaluation_options(args).repeats)
     line = f"TVM median {fmt_us(tm['tvm']['median_us'])}"
     if "torch_eager" in tm:
         line += f", PyTorch eager {fmt_us(tm['torch_eager']['median_us'])}; {speedup_text(tm)}"

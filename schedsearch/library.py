@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +25,11 @@ import tvm
 
 from . import schedule_lang
 from .errors import UserError
+from .rundir import RunDir
 from .schedule_lang import ScheduleLangError
 
 ROOT = Path(__file__).resolve().parent.parent / "schedules" / "library"
 FORMAT = 1
-PER_KEY = 8  # programs kept per structure and target kind, fastest first
 PER_ENTRY = 4  # proposals made of one program: its tiles as recorded, then those that do not fit drawn again
 _CONSTANT = re.compile(r"T\.\w+\((-?[\d.e+]+)\)|(?<![\w.])-?\d+(\.\d+)?(e[+-]?\d+)?(?![\w.])")
 
@@ -263,9 +262,9 @@ def _transcript_sources(database: Path) -> dict[str, str]:
 
 
 def _workload_name(database: Path) -> str:
-    for results in (database / "results.json", database.parent / "results.json"):
-        if results.is_file():
-            return json.loads(results.read_text()).get("workload", {}).get("name", database.parent.name)
+    for run in (RunDir(database), RunDir(database.parent)):
+        if run.results.is_file():
+            return run.read_results().workload["name"]
     return database.parent.name
 
 
@@ -285,7 +284,7 @@ def _records(database: Path, workloads: list):
             yield None, None
 
 
-def build(paths: list[Path], out: Path, per_key: int = PER_KEY) -> dict:
+def build(paths: list[Path], out: Path, per_key: int) -> dict:
     """The library of every measured program in the databases at or under `paths` (run dirs, databases,
     schedules/<gpu>/): per structure and target kind the `per_key` fastest distinct programs."""
     from tvm.s_tir import meta_schedule as ms
@@ -339,22 +338,3 @@ def build(paths: list[Path], out: Path, per_key: int = PER_KEY) -> dict:
     return {"entries": len(entries), "structures": len(kept), "measured": len(candidates),
             "skipped": skipped}
 
-
-def add_commands(sub) -> dict:
-    p = sub.add_parser("library", help="the program library: measured programs kept by kernel structure")
-    lsub = p.add_subparsers(dest="library_command", required=True)
-    b = lsub.add_parser("build", help="build a library from run dirs and databases")
-    b.add_argument("sources", nargs="+", type=Path,
-                   help="run dirs, databases, or directories holding them (e.g. schedules/nvidia-h200)")
-    b.add_argument("-o", "--output", required=True, type=Path, help="library file, e.g. schedules/library/cuda.json")
-    b.add_argument("--per-structure", type=int, default=PER_KEY,
-                   help=f"programs kept per kernel structure and target kind, fastest first (default {PER_KEY})")
-    return {"library": cmd_library}
-
-
-def cmd_library(args) -> int:
-    made = build(args.sources, args.output, args.per_structure)
-    print(f"{args.output}: {made['entries']} programs of {made['structures']} kernel structures "
-          f"(of {made['measured']} measured records; {made['skipped']} outside the schedule language or not re-applicable)",
-          file=sys.stderr)
-    return 0

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .llm_client import LLMClient, LLMError, Request, make_client
+from .options import add_llm_endpoint_options
 
 REQUEST_SUFFIX, RESPONSE_SUFFIX = ".request.json", ".response.json"
 
@@ -24,11 +25,7 @@ def add_commands(sub) -> dict:
     b = sub.add_parser("llm-bridge", help="answer the request files of `--llm files:DIR` through an "
                                           "OpenAI-compatible endpoint (OPENAI_BASE_URL, OPENAI_API_KEY)")
     b.add_argument("directory", type=Path, help="the DIR of the tune's --llm files:DIR (a shared filesystem)")
-    b.add_argument("--llm-model", help="model name (default: OPENAI_MODEL, else the endpoint's first model)")
-    b.add_argument("--llm-concurrency", type=int, default=8, help="requests in flight at once (default 8)")
-    b.add_argument("--llm-timeout", type=float, default=120.0, help="seconds per request (default 120)")
-    b.add_argument("--llm-price-in", type=float, default=0.0, help="USD per 1M prompt tokens, for the totals")
-    b.add_argument("--llm-price-out", type=float, default=0.0, help="USD per 1M completion tokens")
+    add_llm_endpoint_options(b)
     b.add_argument("--transcript", type=Path,
                    help="JSONL of every request and response (default DIR/bridge.transcript.jsonl)")
     b.add_argument("--poll", type=float, default=1.0, help="seconds between looks at DIR (default 1)")
@@ -39,8 +36,8 @@ def add_commands(sub) -> dict:
 def cmd_bridge(args) -> int:
     if not args.directory.is_dir():
         raise LLMError(f"{args.directory} is not a directory: give the DIR of the tune's --llm files:DIR")
-    if args.llm_concurrency < 1 or args.poll <= 0:
-        raise LLMError("--llm-concurrency must be at least 1 and --poll above 0")
+    if args.poll <= 0:
+        raise LLMError("--poll must be above 0")
     client = make_client("openai", model=args.llm_model,
                          transcript=args.transcript or args.directory / "bridge.transcript.jsonl",
                          concurrency=args.llm_concurrency, timeout_s=args.llm_timeout,

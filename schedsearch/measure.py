@@ -26,6 +26,9 @@ from tvm.ir.utils import derived_object
 from tvm.support.popen_pool import PopenPoolExecutor
 from tvm.target import Target
 
+from . import result_codes
+from .options import Tuning
+
 
 def build_kernel(mod, target, _params):
     from tvm.driver import build as tvm_build
@@ -209,7 +212,8 @@ class WarmBuilder(ms.builder.PyBuilder):
                 break
         for future in waiting:
             token = self.runner.defer()
-            results[futures[future]] = ms.builder.BuilderResult(None, DEFERRED_BUILD.format(token, time.time() - t0))
+            results[futures[future]] = ms.builder.BuilderResult(None, result_codes.deferred(
+                token, f"still building {time.time() - t0:.0f} s into its round; measured when built, reported later"))
             args = tuple(a.as_json() for a in self._args_info(build_inputs[futures[future]]))
             future.add_done_callback(functools.partial(self._built_late, token, args))
             self._deferred.append(future)
@@ -239,16 +243,6 @@ class WarmBuilder(ms.builder.PyBuilder):
             return None, f"build failed: {e}"
 
 
-DEFERRED_BUILD = "deferred #{}: still building {:.0f} s into its round; measured when built, reported later"
-DEFERRED_RUN = "deferred #{}: still waiting for the GPU when its round was built; reported later"
-
-
-def deferred_token(error_msg) -> int | None:
-    """The token of a deferred candidate, from its build or run error; None for any other result."""
-    msg = str(error_msg or "")
-    return int(msg[len("deferred #"):msg.index(":")]) if msg.startswith("deferred #") else None
-
-
 def unroll_step(mod) -> int:
     """The largest auto-unroll step annotated in a scheduled kernel: what makes its source (and compile) big."""
     return max(map(int, re.findall(r'"pragma_auto_unroll_max_step": (\d+)', mod.script())), default=0)
@@ -259,15 +253,18 @@ def unroll_step(mod) -> int:
 # a latency recorded before it: a capped kernel is never the task's best. The runner works in its own
 # process: the task's best reaches it through a small file (BEST_FILE_ENV), and it remembers the full
 # measurements it made since that file last changed. Full measurements have REPEAT samples, capped ones
-# one: that is how the caller tells them apart.
+# one (result_codes.capped): that is how the caller tells them apart.
 # The first call of a candidate also loads its module (on the H100, 48 heavy matmul candidates: 2.5 ms
 # more than their next call at the median, 50 ms at most: benchmarks/first_call.py). Past the cap by more
 # than LOAD_ALLOWANCE_S, that call is the record (a 2 s kernel costs 2 s, not 4 as with a warm-up call
 # first); nearer the cap, the next call decides. Both are timed on the host's clock, as TVM's evaluator
 # times a call (over RPC that adds the round trip).
+# The cap's factor and floor are options (options.Tuning: --cap-factor, --min-cap-s); they reach the runner's
+# worker processes as the task's best does, through their environment (share_cap), read when they start.
 BEST_FILE_ENV = "SCHEDSEARCH_BEST_S_FILE"
-CAP_FACTOR = max(1.0, float(os.environ.get("SCHEDSEARCH_CAP_FACTOR", 10)))
-MIN_CAP_S = float(os.environ.get("SCHEDSEARCH_MIN_CAP_S", 1e-3))  # below this a full measurement is cheap
+CAP_FACTOR_ENV, MIN_CAP_S_ENV = "SCHEDSEARCH_CAP_FACTOR", "SCHEDSEARCH_MIN_CAP_S"
+CAP_FACTOR = float(os.environ.get(CAP_FACTOR_ENV, Tuning.cap_factor))
+MIN_CAP_S = float(os.environ.get(MIN_CAP_S_ENV, Tuning.min_cap_s))  # below this a full measurement is cheap
 LOAD_ALLOWANCE_S = 0.2
 REPEAT = 2
 _best = {"file": None, "s": float("inf")}
@@ -286,11 +283,11 @@ def run_evaluator_capped(rt_mod, device, evaluator_config, repeated_args):
     cap = max(CAP_FACTOR * _best["s"], MIN_CAP_S)
     first = one_call_seconds(rt_mod, device, repeated_args[0])  # the kernel's time, plus its module's load
     if first > cap + LOAD_ALLOWANCE_S:
-        return [first]
+        return result_codes.capped(first)
     if first > cap:
         second = one_call_seconds(rt_mod, device, repeated_args[0])
         if second > cap:
-            return [second]
+            return result_codes.capped(second)
     if 0 < evaluator_config.min_repeat_ms < 1e3 * first:  # one call already fills a repeat: no need for two
         evaluator_config = evaluator_config._replace(number=1)
     costs = run_evaluator_common(rt_mod, device, evaluator_config, repeated_args)
@@ -324,10 +321,6 @@ def alloc_args_cached(device, args_info, alloc_repeat):
     return _args["args"]
 
 
-def is_capped(run_secs) -> bool:
-    return len(run_secs) == 1
-
-
 def evaluator_config(target: Target) -> ms.runner.EvaluatorConfig:
     if target.kind.name == "cuda":
         # 2 x 2 timed runs of at least 10 ms each rank candidates well; the final numbers come from
@@ -340,6 +333,11 @@ def share_best_file(path) -> None:
     """Where the caller keeps the running task's best latency (seconds): set before a runner starts
     its processes, which inherit it."""
     os.environ[BEST_FILE_ENV] = str(path)
+
+
+def share_cap(factor: float, min_s: float) -> None:
+    """The cap for the runner processes started from now on (run_evaluator_capped)."""
+    os.environ[CAP_FACTOR_ENV], os.environ[MIN_CAP_S_ENV] = repr(float(factor)), repr(float(min_s))
 
 
 def device_type(target: Target) -> str:
@@ -404,7 +402,8 @@ class WarmRunner(ms.runner.PyRunner):
                 out.append(self.result(f))
             else:  # its artifact stays until it has run: tune.LateResults removes it then
                 token = self.defer((str(r.artifact_path), None, f))
-                out.append(self._error(DEFERRED_RUN.format(token)))
+                out.append(self._error(result_codes.deferred(
+                    token, "still waiting for the GPU when its round was built; reported later")))
                 deferred += 1
         if deferred:
             logging.getLogger("schedsearch.ms").info(

@@ -10,7 +10,8 @@ import shlex
 import statistics
 from pathlib import Path
 
-from . import timing
+from . import strategies, timing
+from .rundir import Results
 from .validate import verdict
 
 
@@ -26,22 +27,22 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def summary_table(results: dict) -> str:
+def summary_table(results: Results) -> str:
     """What `tune` prints at the end: per task, then end to end against PyTorch."""
     tasks = table(["task", "weight", "trials", "errors", "best"],
-                  [[t["name"], t["weight"], t["trials"], t["errors"], fmt_us(t["best_us"])] for t in results["tasks"]])
-    v, tm = results["validation"], results["timing"]
+                  [[t["name"], t["weight"], t["trials"], t["errors"], fmt_us(t["best_us"])] for t in results.tasks])
+    v, tm = results.validation, results.timing
     rows = [["TVM tuned", fmt_us(tm["tvm"]["median_us"]), f"{fmt_us(tm['tvm']['p10_us'])} .. {fmt_us(tm['tvm']['p90_us'])}"]]
     if "torch_eager" in tm:
         e = tm["torch_eager"]
         rows.append(["PyTorch eager", fmt_us(e["median_us"]), f"{fmt_us(e['p10_us'])} .. {fmt_us(e['p90_us'])}"])
     end = table(["end to end", "median", "p10 .. p90"], rows)
     lines = [tasks]
-    for t in results["tasks"]:  # what the errors were, not only how many (the details are in tune.log)
+    for t in results.tasks:  # what the errors were, not only how many (the details are in tune.log)
         for cause, n in t.get("error_causes", [])[:3]:
             lines.append(f"  {t['name']}: {n} x {cause}")
     lines += ["", end, BEST_VS_END_TO_END, ""]
-    failed_rounds = results.get("search", {}).get("failed_rounds")
+    failed_rounds = (results.search or {}).get("failed_rounds")
     if failed_rounds:
         lines.append(f"LLM: {len(failed_rounds)} round(s) got no program back, their requests failed "
                      f"(last: {failed_rounds[-1]['error']}); the requests are in transcript.jsonl")
@@ -49,7 +50,7 @@ def summary_table(results: dict) -> str:
         lines.append(speedup_text(tm))
     lines.append(f"validation: {verdict(v)}: {v['checks']} checks (seeds {v['seeds']}, {', '.join(v['distributions'])}), "
                  f"max abs {v['max_abs']:.2e}, max rel {v['max_rel']:.2e}, tolerance {v['tolerance']:g}")
-    lines.append(f"device: {results['device']['name']}; tuning {results['tuning_wall_s']:.0f} s")
+    lines.append(f"device: {results.device['name']}; tuning {results.tuning_wall_s:.0f} s")
     return "\n".join(lines)
 
 
@@ -93,7 +94,6 @@ PEAKS = [
 ]
 
 BASELINES = {"eager": "PyTorch eager", "compile": "torch.compile", "compile-max-autotune": "torch.compile max-autotune"}
-COLORS = {"ansor": "#1f77b4", "llm": "#d62728", "rules": "#2ca02c", "hybrid": "#9467bd"}
 ALL_TASKS = "all tasks"
 
 
@@ -171,7 +171,7 @@ def convergence_png(title: str, series: dict[str, list[list[float | None]]]) -> 
         xs, lo, med, hi = band(curves)
         if not xs:
             continue
-        color = COLORS.get(strategy, f"C{i + 3}")
+        color = strategies.STRATEGIES[strategy].color if strategy in strategies.STRATEGIES else f"C{i + 3}"
         ax.fill_between(xs, lo, hi, step="post", color=color, alpha=0.18, linewidth=0)
         ax.vlines(xs[-1], lo[-1], hi[-1], color=color, alpha=0.5, linewidth=4)  # the final spread, even for one point
         ax.step(xs, med, where="post", color=color, linewidth=1.8, marker="o" if len(xs) <= 40 else None,
@@ -229,21 +229,22 @@ class _Workload:
         self.strategies = exp["strategies"]
         self.runs = {s: [a for a in w["arms"] if a["strategy"] == s] for s in self.strategies}
         self.done = {s: [a for a in runs if a["results"]] for s, runs in self.runs.items()}
-        self.valid = {s: [a for a in runs if a["results"]["validation"]["passed"]] for s, runs in self.done.items()}
+        self.valid = {s: [a for a in runs if a["results"].validation["passed"]] for s, runs in self.done.items()}
         first = next((a["results"] for runs in self.done.values() for a in runs), None)
-        self.tasks = first["tasks"] if first else []
+        self.tasks = first.tasks if first else []
         self.baselines = (w["baselines"] or {}).get("baselines", {})
-        self.device = (first or w["baselines"] or {}).get("device", {}).get("name", "unknown device")
+        self.device = (first.device if first else (w["baselines"] or {}).get("device", {})).get("name",
+                                                                                                 "unknown device")
         self.flops = sum(t["flops"] * t["weight"] for t in self.tasks) if self.tasks else None
         b = (w["baselines"] or {}).get("bytes")
         self.bytes = sum(b.values()) if b else None
 
     def latencies(self, strategy: str) -> list[float]:
-        return [a["results"]["timing"]["tvm"]["median_us"] for a in self.valid[strategy]]
+        return [a["results"].timing["tvm"]["median_us"] for a in self.valid[strategy]]
 
     def noise(self, strategy: str) -> float | None:
         """Median over valid seeds of the relative p10..p90 spread of the end-to-end timing."""
-        spreads = [timing.spread(a["results"]["timing"]["tvm"]) for a in self.valid[strategy]]
+        spreads = [timing.spread(a["results"].timing["tvm"]) for a in self.valid[strategy]]
         return statistics.median(spreads) if spreads else None
 
     def timed_baselines(self) -> dict[str, dict]:
@@ -298,17 +299,18 @@ def _convergence(wls: list[_Workload]) -> list[tuple]:
 
 
 def _efficiency(wls: list[_Workload]) -> list[tuple]:
-    out = [("h2", "Sample efficiency")]
-    if not any("ansor" in wl.strategies for wl in wls):
-        return out + [("p", "No ansor arm in this comparison: nothing to measure sample efficiency against.")]
-    out.append(("p", "Trials each arm needed to come within 90% of Ansor's final best (latency <= best / 0.9) and "
-                     "to match it (latency <= best). Ansor's final best: the median over its seeds (the upper middle "
-                     "one for an even count). Cells: median over seeds (the lower middle one for an even count), "
-                     "'never' when more than half the seeds never got there; in brackets, the seeds that did."))
+    out, arm = [("h2", "Sample efficiency")], strategies.REFERENCE
+    if not any(arm in wl.strategies for wl in wls):
+        return out + [("p", f"No {arm} arm in this comparison: nothing to measure sample efficiency against.")]
+    out.append(("p", f"Trials each arm needed to come within 90% of {arm.capitalize()}'s final best (latency <= best "
+                     f"/ 0.9) and to match it (latency <= best). {arm.capitalize()}'s final best: the median over its "
+                     "seeds (the upper middle one for an even count). Cells: median over seeds (the lower middle "
+                     "one for an even count), 'never' when more than half the seeds never got there; in brackets, "
+                     "the seeds that did."))
     rows = []
     for wl in wls:
         for task in wl.curve_names():
-            finals = [c[-1] for c in wl.curves("ansor", task) if c and c[-1] is not None]
+            finals = [c[-1] for c in wl.curves(arm, task) if c and c[-1] is not None]
             if not finals:
                 continue
             ref = statistics.median_high(finals)
@@ -321,7 +323,7 @@ def _efficiency(wls: list[_Workload]) -> list[tuple]:
                     got = sum(h is not None for h in hits)
                     cells.append(f"{'never' if med == math.inf else f'{med:g}'} ({got}/{len(hits)})")
                 rows.append([wl.name, task, s, fmt_us(ref), *cells])
-    return out + [("table", ["workload", "task", "arm", "ansor final best", "trials to 90%", "trials to 100%"], rows)]
+    return out + [("table", ["workload", "task", "arm", f"{arm} final best", "trials to 90%", "trials to 100%"], rows)]
 
 
 def _final(wls: list[_Workload], peak: dict | None, exp: dict) -> list[tuple]:
@@ -382,13 +384,13 @@ def _quality_row(wl: _Workload, s: str) -> list[str]:
     done = wl.done[s]
     if not done:
         return [s, "no results", *["-"] * 8]
-    vs = [a["results"]["validation"] for a in done]
+    vs = [a["results"].validation for a in done]
     checks, failed = sum(v["checks"] for v in vs), sum(v["failed"] for v in vs)
     shape = f"{_count(len(vs[0]['seeds']), 'seed')} x {_count(len(vs[0]['distributions']), 'distribution')} per run"
-    wall, wall_rng = _median_range([a["results"]["tuning_wall_s"] for a in done], fmt=lambda x: f"{x:,.0f} s")
-    measured = [sum(t["trials"] for t in a["results"]["tasks"]) for a in done]
-    errors = [sum(t["errors"] for t in a["results"]["tasks"]) for a in done]
-    llm = [a["results"].get("search", {}).get("llm") for a in done]
+    wall, wall_rng = _median_range([a["results"].tuning_wall_s for a in done], fmt=lambda x: f"{x:,.0f} s")
+    measured = [sum(t["trials"] for t in a["results"].tasks) for a in done]
+    errors = [sum(t["errors"] for t in a["results"].tasks) for a in done]
+    llm = [(a["results"].search or {}).get("llm") for a in done]
     llm = [u for u in llm if u]
     row = [s, f"{checks - failed}/{checks} checks passed ({shape})",
            f"{max(v['max_abs'] for v in vs):.2e}", f"{max(v['max_rel'] for v in vs):.2e}",
@@ -411,7 +413,7 @@ def _task_table(wl: _Workload, peak: dict | None) -> tuple[list[str], list[list[
         bound = roofline_us(t["flops"], nbytes, peak)
         cells = []
         for s in wl.strategies:
-            bests = [b["best_us"] for a in wl.valid[s] for b in a["results"]["tasks"]
+            bests = [b["best_us"] for a in wl.valid[s] for b in a["results"].tasks
                      if b["name"] == t["name"] and b["best_us"] is not None]
             m = statistics.median(bests) if bests else None
             cells.append(f"{fmt_us(m)} ({_pct(100 * bound / m)})" if m and bound else fmt_us(m))
@@ -425,20 +427,20 @@ def _environment(data: dict, wls: list[_Workload], peak: dict | None) -> list[tu
     results = [a["results"] for wl in wls for runs in wl.done.values() for a in runs]
     versions: dict[str, set] = {}
     for r in results:
-        for k, v in r["versions"].items():
+        for k, v in r.versions.items():
             versions.setdefault(k, set()).add(str(v))
     tf32 = [(w["baselines"] or {}).get("tf32") for w in data["workloads"]]
     tf32_on = any(t and any(t.values()) for t in tf32)
-    rows = [["device", ", ".join(sorted({f"{r['device']['name']} ({r['device']['kind']})" for r in results})) or "-"],
+    rows = [["device", ", ".join(sorted({f"{r.device['name']} ({r.device['kind']})" for r in results})) or "-"],
             ["target", exp["target"]],
             *[[k, ", ".join(sorted(v))] for k, v in sorted(versions.items())],
-            ["timing", results[0]["timing"]["method"] if results else "-"],
+            ["timing", results[0].timing["method"] if results else "-"],
             ["numerics", "fp32; TF32 " + ("ON in PyTorch (torch.backends flags were set)" if tf32_on else
                                           "off in PyTorch (torch.backends.cuda.matmul.allow_tf32 = "
                                           "torch.backends.cudnn.allow_tf32 = False), so eager, torch.compile and "
                                           "TVM all compute in true fp32")],
             ["validation", f"{_count(exp['validation_seeds'], 'seed')} x each input distribution per run, against "
-                           + (", ".join(sorted({ref for r in results for ref in r["validation"].get("reference", [])}))
+                           + (", ".join(sorted({ref for r in results for ref in r.validation.get("reference", [])}))
                               or "PyTorch")],
             ["roofline peaks", f"{_peak_text(peak)}: {peak['source']}"
              if peak else "none known for this device (give --peak-tflops and --peak-gbs)"]]
@@ -451,13 +453,7 @@ def _environment(data: dict, wls: list[_Workload], peak: dict | None) -> list[tu
 def _notes(data: dict, wls: list[_Workload], peak: dict | None) -> list[str]:
     exp = data["experiment"]
     notes = []
-    if "rules" in exp["strategies"]:
-        notes.append("rules is a rule-based proposer with no language model: it redraws decisions of MetaSchedule's "
-                     "own design-space sketches and of the best programs so far. It is a control arm, not an LLM.")
-    if "hybrid" in exp["strategies"]:
-        notes.append("hybrid measures proposals (the LLM's programs, else the rules proposer's) and continues with "
-                     "MetaSchedule's evolutionary search from them, back to proposals when evolution stalls; "
-                     "its results.json says per task which trials came from which.")
+    notes += [s.note for s in strategies.STRATEGIES.values() if s.note and s.name in exp["strategies"]]
     for wl in wls:
         notes += _arm_notes(wl, exp)
         notes += _speed_notes(wl)
@@ -470,7 +466,7 @@ def _notes(data: dict, wls: list[_Workload], peak: dict | None) -> list[str]:
         if wl.w["baselines"] is None:
             notes.append(f"{wl.name}: no PyTorch baselines stored: run compare again")
     notes += _llm_notes(wls)
-    devices = sorted({a["results"]["device"]["name"] for wl in wls for runs in wl.done.values() for a in runs}
+    devices = sorted({a["results"].device["name"] for wl in wls for runs in wl.done.values() for a in runs}
                      | {wl.w["baselines"]["device"]["name"] for wl in wls if wl.w["baselines"]})
     if len(devices) > 1:
         notes.append(f"Runs were measured on different devices ({', '.join(devices)}): compare with care.")
@@ -492,7 +488,7 @@ def _arm_notes(wl: _Workload, exp: dict) -> list[str]:
                 why = a["error"].strip().splitlines()[-1] if a["error"] else "not run yet, or interrupted"
                 notes.append(f"{arm} has no results ({why}); run compare again to resume it.")
                 continue
-            v = a["results"]["validation"]
+            v = a["results"].validation
             if not v["passed"]:
                 problem = v["failures"][0].get("problem") if v["failures"] else None
                 notes.append(f"{arm} FAILED validation ({v['failed']} of {v['checks']} checks"
@@ -502,8 +498,8 @@ def _arm_notes(wl: _Workload, exp: dict) -> list[str]:
                              "here; the PyTorch baselines were timed in this one.")
         short = {}  # task -> [(seed, trials)] where the arm spent less than the budget
         for a in wl.done[s]:
-            for t in a["results"]["tasks"]:
-                if t["trials"] < a["results"]["trials_per_task"]:
+            for t in a["results"].tasks:
+                if t["trials"] < a["results"].trials_per_task:
                     short.setdefault(t["name"], []).append(f"seed {a['seed']}: {t['trials']}")
         for task, where in short.items():
             notes.append(f"{wl.name}: {s} measured fewer than {exp['trials_per_task']} candidates for task {task} "
@@ -515,15 +511,16 @@ def _speed_notes(wl: _Workload) -> list[str]:
     """Speedups inside the run-to-run spread, and where PyTorch was faster."""
     notes = []
     base = wl.timed_baselines()
-    ansor = wl.latencies("ansor") if "ansor" in wl.strategies else []
+    arm = strategies.REFERENCE
+    reference = wl.latencies(arm) if arm in wl.strategies else []
     for s in wl.strategies:
         lat = wl.latencies(s)
         if not lat:
             continue
         m, noise = statistics.median(lat), wl.noise(s)
         others = [(BASELINES[k], b["median_us"], timing.spread(b)) for k, b in base.items()]
-        if s != "ansor" and ansor:
-            others.append(("ansor", statistics.median(ansor), wl.noise("ansor")))
+        if s != arm and reference:
+            others.append((arm, statistics.median(reference), wl.noise(arm)))
         for name, other, other_noise in others:
             if abs(m - other) <= max(noise * m, other_noise * other):
                 notes.append(f"{wl.name}: the difference between {s} and {name} (speedup {other / m:.2f}x) is within "
@@ -538,9 +535,9 @@ def _llm_notes(wls: list[_Workload]) -> list[str]:
     notes = []
     backends: dict[tuple, list[str]] = {}
     for wl in wls:
-        for strategy, a in [(s, a) for s in ("llm", "hybrid") for a in wl.done.get(s, [])]:
-            u = a["results"].get("search", {}).get("llm")
-            if u is None:  # hybrid without a model
+        for strategy, a in [(s, a) for s in wl.strategies for a in wl.done.get(s, [])]:
+            u = (a["results"].search or {}).get("llm")
+            if u is None:  # no LLM in this strategy, or hybrid without a model
                 continue
             key = (u.get("backend", "unknown"), u.get("model"), bool(u.get("tokens_estimated")))
             backends.setdefault(key, []).append(f"{wl.name} {strategy} seed {a['seed']}")

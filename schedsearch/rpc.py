@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -19,30 +18,9 @@ import time
 from typing import Callable
 
 from .errors import UserError
+from .result_codes import lost_worker
 
 log = logging.getLogger("schedsearch.ms.rpc")  # lands in the run dir's tune.log
-
-
-def parse_runner_spec(spec: str) -> tuple[str, int, str] | None:
-    """`local` -> None; `rpc://HOST:PORT/KEY` -> (host, port, key)."""
-    if spec == "local":
-        return None
-    m = re.fullmatch(r"rpc://([\w.-]+):(\d+)/([\w.-]+)", spec)
-    if not m or not 0 < int(m[2]) < 65536:
-        raise UserError(f"--runner {spec!r}: expected local or rpc://HOST:PORT/KEY, e.g. rpc://10.0.0.5:9190/h100")
-    return m[1], int(m[2]), m[3]
-
-
-# How a lost worker looks from the tuning side, as opposed to a kernel's own error: the connection
-# dropped mid-call (a reply other than kReturn: kShutdown), no worker could be reached, or none
-# answered within the pool's timeout.
-# A kernel that crashes its session process looks the same and is tried once more: it costs one session.
-LOST_WORKER = ("RPCCode::kReturn) is false", "Cannot request", "Connection refused", "Connection reset", "Broken pipe",
-               "RPCRunner: Timeout")
-
-
-def lost_worker(error_msg: str | None) -> bool:
-    return error_msg is not None and any(m in error_msg for m in LOST_WORKER)
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 """The run directory: the only thing `report`, `compare`, `export` and resume read.
 
-    <run>/results.json        summary (schema below, versioned)
+    <run>/results.json        summary (Results below, versioned)
     <run>/trials.jsonl        one line per hardware measurement, in order: the convergence data
     <run>/database/           MetaSchedule JSON database (workloads + tuning records): resume
     <run>/model.onnx(.data)   the exported workload
@@ -17,13 +17,64 @@ import fcntl
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import DamagedFile, UserError
 
-SCHEMA = 1
+# results.json's layout. 3: shared_memory_per_block on CUDA, search.library for rules and hybrid, and timing
+# of a module run on an RPC worker (timing.method says so; no torch_eager) (2026-12-01 on);
+# 2: cost_model and module recorded (2026-11-29 on);
+# 1: what runs wrote before, with or without those two (docs/reports/nvidia-h200's runs have neither).
+SCHEMA = 3
+READS = (1, 2, 3)
 WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
+
+
+OMITTED_WHEN_NONE = ("shared_memory_per_block", "strategy_options", "search")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Results:
+    """results.json: what tune measured and validated (written by tune, read by report, compare, export)."""
+    schema: int = SCHEMA
+    workload: dict  # name, path, sha256, weights_sha256, size, inputs [{name, shape, dtype}]
+    strategy: str
+    seed: int
+    trials_per_task: int
+    runner: str  # --runner
+    target: str  # the TVM target, as str(target)
+    device: dict  # target.facts()
+    versions: dict  # python, tvm, torch, ...
+    # CUDA: what VerifyGPUCode allowed in the search (--shared-memory; kernels over 48 KB use dynamic shared
+    # memory); None: a CPU target, or not recorded
+    shared_memory_per_block: int | None = None
+    command: list[str]
+    cost_model: dict | None = None  # cost_models.Start.record(); None: schema 1, not recorded
+    tasks: list[dict]  # tune.task_summary() of each task
+    validation: dict  # validate.summary()
+    checks: list[dict]  # each validation check
+    timing: dict  # evaluate.time_against_eager(), or evaluate.evaluate_on_worker()'s
+    module: dict | None = None  # file_identity() of the module.so validated; None: schema 1, not recorded
+    tuning_wall_s: float  # over every invocation, when resumed
+    total_wall_s: float  # this invocation, plus earlier ones' search
+    strategy_options: dict | None = None  # as the strategy got them, for those that take any
+    search: dict | None = None  # the strategy's own statistics (its factory's stats())
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items()
+                if v is not None or k not in OMITTED_WHEN_NONE}  # absent rather than null, as before
+
+    @classmethod
+    def from_json(cls, data: dict, path: Path) -> "Results":
+        if data.get("schema") not in READS:
+            raise UserError(f"{path}: schema {data.get('schema')}, this schedsearch reads {', '.join(map(str, READS))}")
+        names = {f.name for f in fields(cls)}
+        missing = sorted(f.name for f in fields(cls) if f.name not in data and f.default is MISSING)
+        if missing:
+            raise DamagedFile(path, f"{path} lacks {', '.join(missing)}: run the same tune (or compare) command "
+                              "again to rebuild it from the database; no trial is measured again")
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -87,7 +138,7 @@ class RunDir:
                 continue
         return out
 
-    def read_results(self) -> dict:
+    def read_results(self) -> Results:
         """results.json; UserError naming it when it is damaged (tune rebuilds it from the database and
         trials.jsonl: the same command again, no trial measured twice)."""
         try:
@@ -97,9 +148,10 @@ class RunDir:
         except (ValueError, UnicodeDecodeError) as e:
             raise DamagedFile(self.results, f"{self.results} is damaged ({str(e)[:120]}): run the same tune (or "
                               "compare) command again to rebuild it from the database; no trial is measured again") from None
-        if data.get("schema") != SCHEMA:
-            raise UserError(f"{self.results}: schema {data.get('schema')}, this schedsearch reads {SCHEMA}")
-        return data
+        return Results.from_json(data, self.results)
+
+    def write_results(self, results: Results) -> None:
+        write_json(self.results, results.to_json())
 
 
 def open_database(directory: Path):

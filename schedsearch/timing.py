@@ -15,7 +15,7 @@ METHOD = ("median of single calls after a warm-up of 3; cache flushed before eac
           "(256 MiB write on GPU, 64 MiB on CPU); CUDA events on GPU, perf_counter on CPU")
 
 
-def time_call(fn: Callable[[], object], device: str, warmup: int = 3, repeats: int = 20) -> dict:
+def time_call(fn: Callable[[], object], device: str, *, repeats: int, warmup: int = 3) -> dict:
     is_cuda = device.startswith("cuda")
     # On CPU flush with numpy, single-threaded: a parallel torch fill wakes torch's OpenMP team and
     # the next call then races TVM's pool for 2 cores (medians of 16 ms for a 70 us matmul, seen here).

@@ -19,11 +19,12 @@ import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
 
-from . import cost_models, measure
+from . import cost_models, measure, result_codes
 from .errors import DISK_FULL, INTERRUPTED, DiskFull, UserError, disk_nearly_full, note_disk_full, searching
 from .frontend import Task
-from .rundir import (RECORDS, RunDir, append_line, drop_cut_tail, file_identity, open_database, repair_database,
-                     write_bytes)
+from .options import Evaluation, Tuning, parse_runner_spec
+from .rundir import (RECORDS, Results, RunDir, append_line, drop_cut_tail, file_identity, open_database,
+                     repair_database, write_bytes)
 
 
 @derived_object
@@ -54,7 +55,7 @@ class TrialLog(ms.measure_callback.PyMeasureCallback):
             us, capped = None, False
             if not error and r.run_secs:
                 us = 1e6 * sum(float(s) for s in r.run_secs) / len(r.run_secs)
-                capped = self.capping_runner and measure.is_capped(r.run_secs)
+                capped = self.capping_runner and result_codes.is_capped(r.run_secs)
                 self.best_us = us if self.best_us is None else min(self.best_us, us)
             else:
                 self.errors += 1
@@ -94,7 +95,7 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
         self.scheduler = (task_scheduler, task_id)
         now = []
         for row in zip(measure_candidates, builder_results, runner_results):
-            token = measure.deferred_token(row[1].error_msg or row[2].error_msg)
+            token = result_codes.deferred_token(row[1].error_msg or row[2].error_msg)
             if interrupted_candidate(row[1].error_msg or row[2].error_msg):
                 continue  # not a measurement: not recorded, so a resumed search may measure it again
             if token is None:
@@ -147,15 +148,10 @@ class LateResults(ms.measure_callback.PyMeasureCallback):
                                                  len(rows), t1 - t0, time.time() - t1)
 
 
-# What a candidate's worker process reports when it was killed rather than when the kernel failed: popen_pool's
-# ChildProcessError, as the builder (measure.WarmBuilder._outcome) and runner (WarmRunner.result) word it.
-WORKER_KILLED = "Subprocess terminated"
-
-
 def interrupted_candidate(error_msg) -> bool:
     """A candidate whose worker died while the user was stopping the search (Ctrl-C reaches the whole
     process group): an interruption, not a measured failure."""
-    return INTERRUPTED.is_set() and error_msg is not None and WORKER_KILLED in str(error_msg)
+    return INTERRUPTED.is_set() and result_codes.worker_killed(error_msg)
 
 
 def whole_lines_since(path: Path, size: int) -> int:
@@ -381,47 +377,45 @@ def _log_to_file(path: Path) -> None:
         logger.propagate = False
 
 
-def tune_workload(workload, target: tvm.target.Target, run: RunDir, strategy: str = "ansor", trials: int = 64,
-                  seed: int = 0, validation_seeds: int = 3, repeats: int = 20, command: list[str] | None = None,
-                  strategy_options: dict | None = None, cost_model: str | Path | None = None,
-                  runner_spec: str = "local", shared_memory: str = "stock") -> dict:
-    """The whole job: tasks -> search -> compile -> validate -> time -> run dir. Returns results.json's data.
-    `cost_model`: --cost-model's none | auto | DIR | FILE (cost_models.start).
-    `shared_memory`: --shared-memory's stock | max | KB, the shared memory per block the search allows on CUDA
-    (shared_memory.search_limit; the ansor arm always searches with the device's stock 48 KB).
-    One process at a time per run dir (RunDir.locked)."""
-    from . import rpc, shared_memory as smem, target as targets
+def tune_workload(workload, target: tvm.target.Target, run: RunDir, tuning: Tuning = Tuning(),
+                  evaluation: Evaluation = Evaluation(), strategy_options: dict | None = None,
+                  command: list[str] | None = None) -> Results:
+    """The whole job: tasks -> search -> compile -> validate -> time -> run dir. Returns what results.json holds.
+    `strategy_options`: what the strategy's factory takes besides (options.strategy_options).
+    The search allows tuning.shared_memory per block on CUDA (shared_memory.search_limit; the ansor arm always
+    searches with the device's stock 48 KB). One process at a time per run dir (RunDir.locked)."""
+    from . import shared_memory as smem, target as targets
 
-    rpc_at = rpc.parse_runner_spec(runner_spec)  # a bad spec fails before any work
+    rpc_at = parse_runner_spec(tuning.runner)
     if rpc_at is None and targets.is_gpu(target) and not targets.gpu_here(target):
         raise UserError(f"no {targets.facts(target)['name']} on this machine: the candidates built here are measured on "
                         "one elsewhere: give it with --runner rpc://HOST:PORT/KEY "
                         "(see `schedsearch tracker` and `schedsearch worker`)")
     targets.prepare_build(target)
-    model_start = cost_models.start(cost_model, target)
-    smem_bytes = smem.search_limit(shared_memory, target, strategy)
+    model_start = cost_models.start(tuning.cost_model, target)  # a bad --cost-model fails before any work
+    smem_bytes = smem.search_limit(tuning.shared_memory, target, tuning.strategy)
     search_target = target if smem_bytes == smem.limit(target) else smem.with_limit(target, smem_bytes)
     t0 = time.time()
     run.create()
     with run.locked(), disk_full_means(run.root):
-        return _tune_locked(workload, target, search_target, run, strategy, trials, seed, validation_seeds, repeats,
-                            command, strategy_options, model_start, runner_spec, rpc_at, t0)
+        return _tune_locked(workload, target, search_target, run, tuning, evaluation, command, strategy_options,
+                            model_start, rpc_at, t0)
 
 
-def _tune_locked(workload, target, search_target, run: RunDir, strategy, trials, seed, validation_seeds, repeats,
-                 command, strategy_options, model_start, runner_spec, rpc_at, t0) -> dict:
+def _tune_locked(workload, target, search_target, run: RunDir, tuning: Tuning, evaluation: Evaluation, command,
+                 strategy_options, model_start, rpc_at, t0) -> Results:
     from . import frontend, rpc, shared_memory, strategies
 
     smem = {"shared_memory_per_block": shared_memory.limit(search_target)} if target.kind.name == "cuda" else {}
-    _check_same_run(run, workload_sha256=workload.sha256, size=workload.size, target=str(target), strategy=strategy,
-                    **smem)
+    _check_same_run(run, workload_sha256=workload.sha256, size=workload.size, target=str(target),
+                    strategy=tuning.strategy, **smem)
     repair_database(run.database)  # a damaged database is refused before any work
     empty = [f"{n} {tuple(shape)}" for n, (shape, _) in zip(workload.input_names, workload.input_specs) if 0 in shape]
     if empty:
         raise UserError(f"{workload.name}: input {', '.join(empty)} has no elements: there is nothing to tune "
                         "(check the sizes, or --input-shape)")
     # Before the export and import (minutes on a big model): an unreachable LLM endpoint fails at once.
-    factory = strategies.make(strategy, run=run, target=target, seed=seed, **(strategy_options or {}))
+    factory = strategies.make(tuning.strategy, run=run, target=target, seed=tuning.seed, **(strategy_options or {}))
     # Nothing else is printed until the first trial is measured: say what the time goes to.
     stage(t0, "exporting the workload to ONNX (torch.export), importing it into TVM, extracting its kernels")
     mod = frontend.import_onnx(frontend.export_onnx(workload, run.onnx), workload.shapes())
@@ -433,16 +427,16 @@ def _tune_locked(workload, target, search_target, run: RunDir, strategy, trials,
     stage(t0, f"{len(tasks)} task(s): {', '.join(t.name for t in tasks)}; searching")
     earlier_s = search_seconds(run.read_trials())  # a resumed run: what earlier invocations spent searching
     measure.share_best_file(run.root / "best_s.txt")  # before the RPC runner starts its processes
+    measure.share_cap(tuning.cap_factor, tuning.min_cap_s)
     runner = None if rpc_at is None else rpc.make_rpc_runner(*rpc_at, target, measure.evaluator_config(target))
-    by_task = search(tasks, search_target, run, strategy, factory, trials, seed, runner=runner,
+    by_task = search(tasks, search_target, run, tuning.strategy, factory, tuning.trials, tuning.seed, runner=runner,
                      cost_model=model_start, capping_runner=True,
                      cost_model_warmup=getattr(factory, "cost_model_warmup", 100))
     tuning_s = time.time() - t0 + earlier_s
     t0 -= earlier_s  # total_wall_s counts the earlier invocations' search too: never less than tuning_wall_s
 
-    return _compile_validate_write(workload, target, search_target, run, mod, tasks, by_task, strategy, trials, seed,
-                                   validation_seeds, repeats, command, strategy_options, runner_spec, factory,
-                                   model_start, tuning_s, t0)
+    return _compile_validate_write(workload, target, search_target, run, mod, tasks, by_task, tuning, evaluation,
+                                   command, strategy_options, factory, model_start, tuning_s, t0)
 
 
 @contextlib.contextmanager
@@ -461,12 +455,11 @@ def disk_full_means(directory: Path):
         raise
 
 
-def _compile_validate_write(workload, target, search_target, run, mod, tasks, by_task, strategy, trials, seed,
-                            validation_seeds, repeats, command, strategy_options, runner_spec, factory, model_start,
-                            tuning_s, t0) -> dict:
+def _compile_validate_write(workload, target, search_target, run, mod, tasks, by_task, tuning: Tuning,
+                            evaluation: Evaluation, command, strategy_options, factory, model_start, tuning_s,
+                            t0) -> Results:
     from . import frontend, shared_memory, target as targets
     from .evaluate import evaluate
-    from .rundir import SCHEMA, write_json
     from .runtime import CompiledModule
     from .validate import DISTRIBUTIONS
 
@@ -477,45 +470,41 @@ def _compile_validate_write(workload, target, search_target, run, mod, tasks, by
     # (a kill between the two renames below leaves exactly that).
     staged = run.root / ".module.staged.so"
     executable.export_library(str(staged))
+    seeds, repeats = evaluation.validation_seeds, evaluation.repeats
     if targets.is_gpu(target) and not targets.gpu_here(target):  # its GPU is a worker's (--runner rpc://)
         from . import rpc
         from .evaluate import evaluate_on_worker
 
-        stage(t0, f"validating ({validation_seeds} seeds x {len(DISTRIBUTIONS)} input distributions) and timing on "
-                  f"a worker of {runner_spec}")
-        worker = rpc.WorkerModule(staged, *rpc.parse_runner_spec(runner_spec), target)
-        measured = evaluate_on_worker(workload, worker, seeds=validation_seeds, repeats=repeats)
+        stage(t0, f"validating ({seeds} seeds x {len(DISTRIBUTIONS)} input distributions) and timing on "
+                  f"a worker of {tuning.runner}")
+        worker = rpc.WorkerModule(staged, *parse_runner_spec(tuning.runner), target)
+        measured = evaluate_on_worker(workload, worker, seeds=seeds, repeats=repeats)
     else:
         module = CompiledModule(executable, targets.torch_device(target))
-        stage(t0, f"validating ({validation_seeds} seeds x {len(DISTRIBUTIONS)} input distributions) and timing "
+        stage(t0, f"validating ({seeds} seeds x {len(DISTRIBUTIONS)} input distributions) and timing "
                   "against PyTorch eager")
-        measured = evaluate(workload, module, seeds=validation_seeds, repeats=repeats)
+        measured = evaluate(workload, module, seeds=seeds, repeats=repeats)
 
-    results = {
-        "schema": SCHEMA,
-        "workload": {"name": workload.name, "path": str(workload.path), "sha256": workload.sha256,
-                     "weights_sha256": workload.weights_sha256,
-                     "size": workload.size,
-                     "inputs": [{"name": n, "shape": list(s), "dtype": str(d).replace("torch.", "")}
-                                for n, (s, d) in zip(workload.input_names, workload.input_specs)]},
-        "strategy": strategy, "seed": seed, "trials_per_task": trials, "runner": runner_spec,
-        "target": str(target), "device": targets.facts(target), "versions": versions(),
-        # what VerifyGPUCode allowed in the search (--shared-memory); kernels over 48 KB use dynamic shared memory
-        **({"shared_memory_per_block": shared_memory.limit(search_target)} if targets.is_gpu(target) else {}),
-        "command": command or sys.argv,
-        "cost_model": model_start.record(),
-        "tasks": [task_summary(t, by_task.get(t.name, [])) for t in tasks],
+    results = Results(
+        workload={"name": workload.name, "path": str(workload.path), "sha256": workload.sha256,
+                  "weights_sha256": workload.weights_sha256,
+                  "size": workload.size,
+                  "inputs": [{"name": n, "shape": list(s), "dtype": str(d).replace("torch.", "")}
+                             for n, (s, d) in zip(workload.input_names, workload.input_specs)]},
+        strategy=tuning.strategy, seed=tuning.seed, trials_per_task=tuning.trials, runner=tuning.runner,
+        target=str(target), device=targets.facts(target), versions=versions(),
+        shared_memory_per_block=shared_memory.limit(search_target) if targets.is_gpu(target) else None,
+        command=command or sys.argv,
+        cost_model=model_start.record(),
+        tasks=[task_summary(t, by_task.get(t.name, [])) for t in tasks],
         **measured,
-        "module": file_identity(staged),
-        "tuning_wall_s": round(tuning_s, 1),  # over every invocation, when resumed
-        "total_wall_s": round(time.time() - t0, 1),  # this invocation, plus earlier ones' search
-    }
-    if strategy_options:
-        results["strategy_options"] = {k: v for k, v in strategy_options.items() if k != "client"}
-    if hasattr(factory, "stats"):
-        results["search"] = factory.stats()
+        module=file_identity(staged),
+        tuning_wall_s=round(tuning_s, 1),
+        total_wall_s=round(time.time() - t0, 1),
+        strategy_options={k: v for k, v in strategy_options.items() if k != "client"} if strategy_options else None,
+        search=factory.stats() if hasattr(factory, "stats") else None)
     os.replace(staged, run.module)
-    write_json(run.results, results)
+    run.write_results(results)
     return results
 
 

@@ -6,11 +6,12 @@ the checks the field's loose AI-kernel claims usually skip.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .workload import Workload
+if TYPE_CHECKING:  # annotations only: workload.py imports this module
+    from .workload import Workload
 
 TOLERANCES = {torch.float32: 1e-4, torch.float64: 1e-7, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 

@@ -14,7 +14,7 @@ from schedsearch import cli as cli_module, target as targets, workload
 from schedsearch.compare import add_commands, compare, time_baselines
 from schedsearch.errors import UserError
 from schedsearch.report import band, fmt_us, peak_for, roofline_us, task_curve, trials_to_reach, workload_curve
-from schedsearch.rundir import RunDir
+from schedsearch.rundir import Results, RunDir
 
 SOFTMAX, RMSNORM = str(ROOT / "workloads/level1/softmax.py"), str(ROOT / "workloads/level2/rmsnorm.py")
 ARGS = [SOFTMAX, RMSNORM, "--size", "small", "--strategies", "ansor,rules", "--trials", "4", "--seeds", "2",
@@ -69,7 +69,7 @@ def row(text: str, first: str) -> list[str]:
     return rows[0]
 
 
-def results(out, arm) -> dict:
+def results(out, arm) -> Results:
     return RunDir(out / arm).read_results()
 
 
@@ -77,10 +77,10 @@ def test_one_run_dir_per_arm_and_seed_with_baselines(cmp_dir):
     for arm in ARMS:
         res = results(cmp_dir, arm)
         strategy, seed = arm.split("/")[1].split("-s")
-        assert res["strategy"] == strategy and res["seed"] == int(seed) and res["trials_per_task"] == 4
-        assert res["validation"]["passed"] and (cmp_dir / arm / "database").is_dir()
-        assert all(t["trials"] <= 4 for t in res["tasks"]) and len(RunDir(cmp_dir / arm).read_trials()) >= 4
-    [task] = results(cmp_dir, "softmax/ansor-s0")["tasks"]
+        assert res.strategy == strategy and res.seed == int(seed) and res.trials_per_task == 4
+        assert res.validation["passed"] and (cmp_dir / arm / "database").is_dir()
+        assert all(t["trials"] <= 4 for t in res.tasks) and len(RunDir(cmp_dir / arm).read_trials()) >= 4
+    [task] = results(cmp_dir, "softmax/ansor-s0").tasks
     assert task["bytes"] == 2 * 8 * 256 * 4  # an 8x256 fp32 input and output
     base = json.loads((cmp_dir / "softmax/baselines.json").read_text())
     assert base["bytes"] == {"inputs": 8 * 256 * 4, "outputs": 8 * 256 * 4, "weights": 0}
@@ -97,14 +97,14 @@ def test_report_tables_hold_the_stored_numbers(cmp_dir):
         eager = json.loads((cmp_dir / name / "baselines.json").read_text())["baselines"]["eager"]["median_us"]
         for strategy in ("ansor", "rules"):
             runs = [results(cmp_dir, f"{name}/{strategy}-s{k}") for k in (0, 1)]
-            lat = [r["timing"]["tvm"]["median_us"] for r in runs]
+            lat = [r.timing["tvm"]["median_us"] for r in runs]
             cells = row(latency, strategy)
             assert cells[1:4] == ["2/2", fmt_us(statistics.median(lat)), f"{fmt_us(min(lat))} .. {fmt_us(max(lat))}"]
             assert cells[5] == f"{eager / statistics.median(lat):.2f}x" and cells[6] == "-"  # no torch.compile run
             cells = row(quality, strategy)
             assert cells[1] == "8/8 checks passed (1 seed x 4 distributions per run)"
-            assert cells[2] == f"{max(r['validation']['max_abs'] for r in runs):.2e}"
-            assert cells[5].startswith(f"{statistics.median(r['tuning_wall_s'] for r in runs):,.0f} s (")
+            assert cells[2] == f"{max(r.validation['max_abs'] for r in runs):.2e}"
+            assert cells[5].startswith(f"{statistics.median(r.tuning_wall_s for r in runs):,.0f} s (")
         assert row(latency, "PyTorch eager")[2] == fmt_us(eager)
     task_table = tables(md, "Final results", "softmax")[2]
     assert row(task_table, "softmax")[2:6] == ["8.19 kFLOP", "16.4 kB", "0.50", "-"]  # no roofline on this CPU
@@ -193,7 +193,7 @@ def test_notes_flag_invalid_seeds_and_replayed_llm_numbers(cmp_dir, tmp_path):
     assert "softmax: ansor seed 1 FAILED validation (1 of 4 checks: output 0: 3 of 2048 values outside)" in notes
     assert "LLM arm (model m-1) came from the replay backend" in notes and "no model was queried" in notes
     latency, quality, _ = tables(md, "Final results", "softmax")
-    only = results(cmp_dir, "softmax/ansor-s0")["timing"]["tvm"]["median_us"]
+    only = results(cmp_dir, "softmax/ansor-s0").timing["tvm"]["median_us"]
     assert row(latency, "ansor")[1:3] == ["1/2", fmt_us(only)]  # the invalid seed's latency is left out
     bound_us = max(8192 / 1e12, 2 * 8192 / 50e9) * 1e6  # softmax small: memory bound at 50 GB/s
     assert row(latency, "ansor")[-1] == f"{100 * bound_us / only:.2g}%"
@@ -229,9 +229,9 @@ def test_curves_and_trials_to_reach():
 
 def test_bad_arguments_are_user_errors(tmp_path, capfd):
     with pytest.raises(UserError, match="unknown bogus"):
-        compare([SOFTMAX], tmp_path / "o", ["ansor", "bogus"], 4, 1)
+        compare([SOFTMAX], tmp_path / "o", ["ansor", "bogus"], 1)
     with pytest.raises(UserError, match="share a name"):
-        compare([SOFTMAX, SOFTMAX], tmp_path / "o", ["ansor"], 4, 1, target_name="llvm")
+        compare([SOFTMAX, SOFTMAX], tmp_path / "o", ["ansor"], 1, target_name="llvm")
     assert "not a comparison directory" in user_error(["report", str(tmp_path)], capfd)
 
 
@@ -285,7 +285,7 @@ def test_a_crashing_arm_is_reported_and_the_others_still_run(cmp_dir, tmp_path, 
     (out / "softmax/rules-s0/results.json").unlink()
     (out / "rmsnorm/ansor-s1/results.json").unlink()
 
-    def crash(workload, target, run, **kwargs):
+    def crash(workload, target, run, *args, **kwargs):
         raise RuntimeError("the builder's worker died")
     monkeypatch.setattr(schedsearch.tune, "tune_workload", crash)
     assert cli(["compare", *ARGS, "-o", str(out)]) == 1
@@ -312,12 +312,13 @@ def test_parallel_workers_run_arms_in_their_own_processes(cmp_dir, tmp_path, cap
         assert any(l.endswith("s)") and f"{job}: done (" in l for l in err.splitlines())
     for arm in ("softmax/ansor-s1", "rmsnorm/rules-s0"):
         res = results(out, arm)
-        assert res["trials_per_task"] == 4 and res["validation"]["passed"]
+        assert res.trials_per_task == 4 and res.validation["passed"]
         assert "4/4 trials" in (out / arm / "console.log").read_text()  # the arm's progress, not the terminal's
     assert json.loads((out / "softmax/baselines.json").read_text())["baselines"]["eager"]["median_us"] > 0
     assert json.loads((out / "compare.json").read_text())["parallel"] == 2
 
 
+@pytest.mark.slow
 def test_sigint_ends_parallel_searches_after_their_round_and_keeps_it(tmp_path):
     """As `timeout -s INT` does on the GPU machine: SIGINT to the parent alone, mid-search."""
     import signal

@@ -11,9 +11,10 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.cost_model import xgb_model
 
 from conftest import ROOT
-from schedsearch import cost_models, target as targets
+from schedsearch import cost_models, records as schedsearch_records, target as targets
 from schedsearch.cli import main
 from schedsearch.errors import UserError
+from schedsearch.options import Evaluation, Tuning
 
 SOFTMAX = str(ROOT / "workloads/level1/softmax.py")
 TUNE = ["--size", "small", "--target", "llvm", "--validation-seeds", "1", "--repeats", "2"]
@@ -25,13 +26,12 @@ def llvm():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, llvm):
-    """A run of 4 trials and the model trained on it, in a cost_models/ root of its own: (run dir, model dir)."""
-    tmp = tmp_path_factory.mktemp("cm")
-    assert main(["tune", SOFTMAX, "--trials", "4", "-o", str(tmp / "run"), *TUNE]) == 0
-    model_dir = tmp / "cost_models" / targets.device_slug(targets.device_name(llvm))
-    assert main(["train-cost-model", str(tmp / "run"), "-o", str(model_dir), "--holdout", "0.5"]) == 0
-    return tmp / "run", model_dir
+def trained(softmax_run, tmp_path_factory, llvm):
+    """conftest's run of 4 trials and the model trained on it, in a cost_models/ root of its own: (run dir,
+    model dir)."""
+    model_dir = tmp_path_factory.mktemp("cm") / "cost_models" / targets.device_slug(targets.device_name(llvm))
+    assert main(["train-cost-model", str(softmax_run.root), "-o", str(model_dir), "--holdout", "0.5"]) == 0
+    return softmax_run.root, model_dir
 
 
 def records_of(run):
@@ -40,8 +40,9 @@ def records_of(run):
 
 
 def candidates_of(run):
-    db = ms.database.JSONDatabase(work_dir=str(run / "database"), allow_missing=False)
-    records = db.get_all_tuning_records()
+    """The records as read_workloads reads them (records.load: in the file's order; TVM's JSONDatabase
+    sorts them by run time), so that the two predictions compared below are of the same candidates in turn."""
+    records = schedsearch_records.load(run / "database").get_all_tuning_records()
     cands = []
     for r in records:
         sch = tvm.s_tir.Schedule(tvm.ir.load_json(tvm.ir.save_json(r.workload.mod)))
@@ -179,12 +180,14 @@ def test_compare_starts_every_arm_from_the_cost_model_asked_for(tmp_path, monkey
     from schedsearch.compare import compare
 
     asked = []
-    monkeypatch.setattr(schedsearch.tune, "tune_workload", lambda wl, target, run, **kw: asked.append(kw["cost_model"]))
+    monkeypatch.setattr(schedsearch.tune, "tune_workload",
+                        lambda wl, target, run, tuning, evaluation, **kw: asked.append(tuning.cost_model))
     with pytest.raises(UserError, match="cost model file not found"):
-        compare([SOFTMAX], tmp_path / "bad", ["ansor"], 1, 1, size="small", target_name="llvm", cost_model="/nope")
+        compare([SOFTMAX], tmp_path / "bad", ["ansor"], 1, Tuning(trials=1, cost_model="/nope"), size="small",
+                target_name="llvm")
     assert not (tmp_path / "bad").exists()  # refused before writing anything
-    compare([SOFTMAX], tmp_path / "cmp", ["ansor", "rules"], 1, 1, size="small", target_name="llvm", repeats=2,
-            compile_baselines=False, cost_model="auto")
+    compare([SOFTMAX], tmp_path / "cmp", ["ansor", "rules"], 1, Tuning(trials=1, cost_model="auto"),
+            Evaluation(repeats=2), size="small", target_name="llvm", compile_baselines=False)
     assert asked == ["auto", "auto"]
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["cost_model"] == "auto"
 

@@ -16,9 +16,7 @@ from tvm.s_tir import meta_schedule as ms
 import schedsearch
 from conftest import ROOT
 from schedsearch import export, frontend, target as targets, workload
-from schedsearch.cli import main
 from schedsearch.errors import UserError
-from schedsearch.rundir import RunDir
 
 SOFTMAX = str(ROOT / "workloads/level1/softmax.py")
 CONV = str(ROOT / "workloads/level1/conv2d_relu_maxpool.py")
@@ -30,14 +28,6 @@ def cli(*argv) -> int:
     handlers = export.add_commands(p.add_subparsers(dest="command", required=True))
     args = p.parse_args([str(a) for a in argv])
     return handlers[args.command](args)
-
-
-@pytest.fixture(scope="module")
-def softmax_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "softmax"
-    assert main(["tune", SOFTMAX, "--size", "small", "--trials", "2", "-o", str(out), "--target", "llvm",
-                 "--validation-seeds", "1", "--repeats", "2"]) == 0
-    return RunDir(out)
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +49,15 @@ def test_export_packages_the_run(softmax_run, softmax_dist):
     assert m["made_by"] == "export" and m["target_kind"] == "llvm" and m["arch"] == platform.machine()
     assert m["inputs"] == [{"name": "input0", "shape": [8, 256], "dtype": "float32"}]
     assert m["outputs"] == [{"shape": [8, 256], "dtype": "float32"}]
-    assert m["target"] == res["target"] and m["versions"]["tvm"] == tvm.__version__
+    assert m["target"] == res.target and m["versions"]["tvm"] == tvm.__version__
     assert m["workload"] == {"name": "softmax", "size": "small", "path": SOFTMAX, "file": "softmax.py",
-                             "sha256": res["workload"]["sha256"], "weights_sha256": res["workload"]["weights_sha256"]}
+                             "sha256": res.workload["sha256"], "weights_sha256": res.workload["weights_sha256"]}
     assert (softmax_dist / "softmax.py").read_bytes() == (ROOT / "workloads/level1/softmax.py").read_bytes()
-    assert m["strategy"] == "ansor" and m["trials_per_task"] == 2
-    assert m["tasks"][0]["best_us"] == res["tasks"][0]["best_us"] > 0 and "curve" not in m["tasks"][0]
-    assert m["validation"] == res["validation"] and m["validation"]["passed"]
+    assert m["strategy"] == "ansor" and m["trials_per_task"] == 4
+    assert m["tasks"][0]["best_us"] == res.tasks[0]["best_us"] > 0 and "curve" not in m["tasks"][0]
+    assert m["validation"] == res.validation and m["validation"]["passed"]
     assert m["timing"]["tvm"]["median_us"] > 0
-    assert len(ms.database.JSONDatabase(work_dir=str(softmax_dist / "database"))) == 2
+    assert len(ms.database.JSONDatabase(work_dir=str(softmax_dist / "database"))) == 4
 
 
 def test_loaded_in_a_fresh_process_matches_pytorch(softmax_dist, tmp_path):
@@ -182,7 +172,7 @@ def test_build_lists_tuned_and_fallback_tasks(tmp_path, capsys):
     assert len(ms.database.JSONDatabase(work_dir=str(dist / "database"))) == 1
     # The conv's weights are drawn at random when the workload loads: check sees the same ones.
     assert m["workload"]["weights_sha256"] == workload.load(CONV, "small").weights_sha256
-    assert cli("run", dist, "--check", "--seeds", "1", "--repeats", "2") == 0
+    assert cli("run", dist, "--check", "--validation-seeds", "1", "--repeats", "2") == 0
     assert "validation: PASSED" in capsys.readouterr().out
     (dist / "manifest.json").write_text(json.dumps({**m, "workload": {**m["workload"], "weights_sha256": "0" * 64}}))
     with pytest.raises(UserError, match="builds a model with other weights than the ones compiled into"):
@@ -210,7 +200,7 @@ def test_build_from_another_workloads_database_falls_back_and_returns_tuples(sof
 
 
 def test_run_check_validates_against_pytorch(softmax_dist, capsys):
-    assert cli("run", softmax_dist, "--check", "--seeds", "1", "--repeats", "2") == 0
+    assert cli("run", softmax_dist, "--check", "--validation-seeds", "1", "--repeats", "2") == 0
     out = capsys.readouterr().out
     assert "validation: PASSED: 4 checks" in out and "max abs" in out
     assert re.search(r"TVM median [\d.,]+ us, PyTorch eager [\d.,]+ .s; speedup vs PyTorch eager: ([\d.]+x|none shown, )",
@@ -228,7 +218,7 @@ def test_run_check_fails_on_a_wrong_module(softmax_run, tmp_path, capsys):
     commit_record(ms.database.JSONDatabase(work_dir=str(db_dir)), task, sch, target, [1e-9])
     dist = tmp_path / "dist"
     assert cli("build", SOFTMAX, "--schedules", db_dir, "--size", "small", "--target", "llvm", "-o", dist) == 0
-    assert cli("run", dist, "--check", "--seeds", "1", "--repeats", "2") == 1
+    assert cli("run", dist, "--check", "--validation-seeds", "1", "--repeats", "2") == 1
     out = capsys.readouterr().out
     assert "validation: FAILED" in out and "normwise relative error" in out
 

@@ -328,7 +328,7 @@ def test_a_cut_module_so_is_refused_before_it_is_loaded(base_dist, tmp_path):
     dist = Path(shutil.copytree(base_dist, tmp_path / "dist"))
     size = (dist / "module.so").stat().st_size
     os.truncate(dist / "module.so", size // 2)
-    for argv in (["run", dist, "--repeats", "2"], ["run", dist, "--check", "--seeds", "1", "--repeats", "2"]):
+    for argv in (["run", dist, "--repeats", "2"], ["run", dist, "--check", "--validation-seeds", "1", "--repeats", "2"]):
         assert_one_line_error(schedsearch(*argv), f"the manifest says {size}")
     code = ("import sys, schedsearch\nfrom schedsearch.errors import UserError\n"
             "try:\n    schedsearch.load(sys.argv[1])\nexcept UserError as e:\n    print(e)\n    sys.exit(2)")

@@ -150,6 +150,7 @@ def record_transcript(tmp_path, workload_path: str, program: str, monkeypatch) -
 
 @pytest.mark.parametrize("path, program", [(MATMUL, MATMUL_PROGRAM), (LAYERNORM, LAYERNORM_PROGRAM)],
                          ids=["matmul", "layernorm"])
+@pytest.mark.slow
 def test_hybrid_replay_tunes_and_evolution_mutates_the_llm_program(path, program, tmp_path, monkeypatch):
     transcript = record_transcript(tmp_path, path, program, monkeypatch)
     out = tmp_path / "hybrid"

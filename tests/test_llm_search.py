@@ -70,6 +70,7 @@ def scripted(programs, sentinel: Path):
     return script
 
 
+@pytest.mark.slow
 def test_llm_tune_against_a_loopback_server(programs, tmp_path, monkeypatch):
     sentinel = tmp_path / "pwned"
     out = tmp_path / "run"
@@ -129,6 +130,7 @@ def test_no_endpoint_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert "no LLM endpoint configured" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_files_mode_no_wait_two_exchanges_a_round_none_wasted(programs, tmp_path):
     """Offline GPU node: each run writes the requests it needs and stops; the answers are written; the same
     command resumes. Over 3 rounds every round is two exchanges (ideas, programs), and every answer written is
@@ -186,6 +188,7 @@ def test_files_mode_no_wait_two_exchanges_a_round_none_wasted(programs, tmp_path
 
 @pytest.mark.skipif(not os.environ.get("OPENAI_API_KEY") or not (os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_MODEL")),
                     reason="needs a real endpoint: OPENAI_API_KEY and OPENAI_BASE_URL or OPENAI_MODEL")
+@pytest.mark.slow
 def test_real_endpoint(tmp_path):
     rc = main(["tune", MATMUL, "--size", "small", "--strategy", "llm", "--trials", "4", "-o", str(tmp_path / "run"),
                "--target", "llvm", "--llm-ideas", "2", "--llm-programs-per-idea", "2", "--validation-seeds", "1"])
@@ -198,7 +201,7 @@ def test_a_deferred_candidate_reaches_the_history_as_measured(deferred):
     measuring, then measured with its latency once the late result comes (not in the rejections)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from schedsearch.measure import DEFERRED_BUILD, DEFERRED_RUN
+    from schedsearch.result_codes import deferred as deferred_error
     from schedsearch.strategies.proposals import Outcome, Proposal, ProposalSearch
 
     class Recorder:
@@ -216,8 +219,7 @@ def test_a_deferred_candidate_reaches_the_history_as_measured(deferred):
     fast, slow = Outcome("sch.a()", "idea 1", "queued"), Outcome("sch.b()", "idea 2", "queued")
     search.pending = [(fast, Proposal("sch.a()", "idea 1")), (slow, Proposal("sch.b()", "idea 2"))]
     search.notify_runner_results([], [ms.runner.RunnerResult([0.002], None),
-                                      ms.runner.RunnerResult(None, DEFERRED_BUILD.format(7, 12.0) if deferred == "build"
-                                                             else DEFERRED_RUN.format(7))])
+                                      ms.runner.RunnerResult(None, deferred_error(7, f"still {deferred}ing"))])
     assert search.trials == 2 and slow.status == "measuring" and search.measured == [fast] and not search.rejected
     search.notify_late_results([7], [ms.runner.RunnerResult([0.001, 0.001], None)])
     assert slow.status == "measured" and slow.latency_us == pytest.approx(1000.0)
@@ -273,6 +275,7 @@ def test_no_answer_in_a_whole_run_is_an_error(tmp_path, monkeypatch):
                                        "error": "APIConnectionError: Connection error.", "attempts": 5}]
 
 
+@pytest.mark.slow
 def test_a_round_whose_requests_all_fail_is_reported(programs, tmp_path, capsys, monkeypatch):
     """The endpoint answers the first round, then drops every connection: each later round says so on the
     console and in results.json; what was measured before counts (exit 0)."""
@@ -378,7 +381,7 @@ def test_a_resumed_round_is_asked_with_the_same_prompt_byte_for_byte(tmp_path):
     from tvm.s_tir import meta_schedule as ms
 
     from schedsearch.llm_client import PendingResponses, make_client
-    from schedsearch.measure import DEFERRED_RUN
+    from schedsearch.result_codes import deferred
     from schedsearch.strategies.llm import LLMProposer, history_text
     from schedsearch.strategies.proposals import Outcome, Proposal, ProposalSearch
 
@@ -403,7 +406,8 @@ def test_a_resumed_round_is_asked_with_the_same_prompt_byte_for_byte(tmp_path):
     first.history.ended(1, 3)
     first._record([fast, late, dup], [Proposal(o.program, o.source) for o in (fast, late, dup)])
     first.pending = [(fast, Proposal(fast.program, fast.source)), (late, Proposal(late.program, late.source))]
-    first.notify_runner_results([], [ms.runner.RunnerResult([0.002], None), ms.runner.RunnerResult(None, DEFERRED_RUN.format(7))])
+    first.notify_runner_results([], [ms.runner.RunnerResult([0.002], None),
+                                     ms.runner.RunnerResult(None, deferred(7, "still waiting for the GPU"))])
     assert first.generate_measure_candidates() is None and isinstance(first.error, PendingResponses)
     [asked] = first.error.paths
     first.notify_late_results([7], [ms.runner.RunnerResult([0.001], None)])  # the late result, as the run ends

@@ -6,11 +6,12 @@ import re
 import pytest
 
 from conftest import ROOT
-from schedsearch import frontend, target as targets, workload
+from schedsearch import frontend, result_codes, target as targets, workload
 from schedsearch.rundir import RunDir
 from schedsearch.tune import search
 
 
+@pytest.mark.slow
 def test_capped_candidates_are_never_the_best(tmp_path, monkeypatch):
     # A tight cap so that this small CPU task caps some candidates (the worker reads these at start).
     monkeypatch.setenv("SCHEDSEARCH_CAP_FACTOR", "1.05")
@@ -46,6 +47,7 @@ def _children() -> set[int]:
     return {p for p, parent in ppid.items() if parent == os.getpid()}
 
 
+@pytest.mark.slow
 def test_search_stops_the_worker_processes_it_started(tmp_path):
     """Build and run pools that search() starts, it shuts down (TVM: a pool left to the GC can deadlock)."""
     wl = workload.load(ROOT / "workloads/level1/softmax.py", "small")
@@ -99,7 +101,7 @@ def test_the_cap_spends_few_calls_on_a_hopeless_kernel(tmp_path, monkeypatch, be
     config = ms.runner.EvaluatorConfig(number=2, repeat=measure.REPEAT, min_repeat_ms=10)  # the GPU's
     secs = measure.run_evaluator_capped(rt_mod, dev, config, [args])
     assert int(args[1].numpy()[0]) == calls and len(secs) == samples
-    assert measure.is_capped(secs) == (samples == 1)
+    assert result_codes.is_capped(secs) == (samples == 1)
     assert all(s > 0.01 for s in secs)
 
 
@@ -169,7 +171,8 @@ def test_builder_defers_a_straggler_and_measures_it_later(tmp_path):
     building and running, and take_late() hands over its real result (forced overlap on LLVM)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from schedsearch.measure import WarmBuilder, WarmRunner, deferred_token
+    from schedsearch.measure import WarmBuilder, WarmRunner
+    from schedsearch.result_codes import deferred_token
 
     wl = workload.load(ROOT / "workloads/level1/matmul.py", "small")
     target = targets.resolve("llvm")
@@ -202,7 +205,7 @@ def test_runner_defers_runs_still_queued_when_the_round_is_built(tmp_path, monke
     info = [ms.arg_info.TensorInfo("float32", [1 << 20]), ms.arg_info.TensorInfo("int32", [1])]
     runner.start(path, info)
     [result] = [f.result() for f in runner.run([ms.runner.RunnerInput(path, "cpu", info)])]
-    token = measure.deferred_token(result.error_msg)
+    token = result_codes.deferred_token(result.error_msg)
     assert token is not None and result.run_secs is None
     [(late_token, late_build, late_run)] = runner.take_late(wait=True)
     assert late_token == token and late_build.artifact_path == path
@@ -226,6 +229,7 @@ def test_unroll_step_reads_the_scheduled_kernel(tmp_path):
     assert unroll_step(task.mod) == 0 and unroll_step(sch.mod) == 512
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, deferred", [("evolutionary", "build"), ("rules", "build"), ("evolutionary", "run")])
 def test_a_deferred_candidate_is_recorded_with_its_measurement(tmp_path, strategy, deferred):
     """Through the whole search: a deferred candidate (its build, or its run) reaches the trial log and

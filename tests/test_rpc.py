@@ -15,7 +15,9 @@ import psutil
 import pytest
 
 from schedsearch.errors import UserError
-from schedsearch.rpc import lost_worker, parse_runner_spec, retrying_runner
+from schedsearch.result_codes import lost_worker
+from schedsearch.options import parse_runner_spec
+from schedsearch.rpc import retrying_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,6 +140,7 @@ def cluster(tmp_path):
         command.wait()
 
 
+@pytest.mark.slow
 def test_tune_through_tracker_survives_a_dead_and_a_hung_worker(tmp_path, cluster, monkeypatch):
     """Three CPU workers; one is killed while measuring, one stops answering. The tune still measures
     every candidate: those the lost workers held are measured again on the third."""

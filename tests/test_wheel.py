@@ -49,6 +49,7 @@ def test_wheel_holds_every_module_and_the_workloads(wheel):
     assert workloads <= names, sorted(workloads - names)
 
 
+@pytest.mark.slow
 def test_wheel_installs_and_tunes_outside_the_source_tree(wheel, tmp_path):
     venv = tmp_path / "venv"
     # The system site-packages lend TVM, torch and the rest; the wheel's schedsearch comes first.

@@ -7,7 +7,7 @@ from typing import Callable
 
 from .. import library
 from ..schedule_lang import ScheduleLangError
-from .proposals import Proposal, Proposer, TaskView
+from .proposals import FirstAnswer, Proposal, Proposer, TaskView
 
 log = logging.getLogger("schedsearch.ms")
 
@@ -47,8 +47,6 @@ class LibraryProposer:
 def library_first(lib: library.Library, target_kind: str, then: Callable[[object], Proposer]) -> Callable:
     """-> `proposer_for(task)`: the library's programs for the task first, then `then(task)`'s proposals;
     `.matched` counts the library's programs per task, for results.json."""
-    from .hybrid import FirstAnswer
-
     matched: dict[str, int] = {}
 
     def proposer_for(task):

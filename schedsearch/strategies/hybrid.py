@@ -24,9 +24,8 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from .. import schedule_lang
-from ..llm_client import TranscriptExhausted
 from ..schedule_lang import ScheduleLangError
-from .proposals import ProposalSearch, Proposer, TaskView, measure_candidate, search_factory
+from .proposals import FirstAnswer, ProposalSearch, TaskView, measure_candidate, search_factory
 from .rules import RuleProposer
 
 log = logging.getLogger("schedsearch.ms")
@@ -49,37 +48,6 @@ class HybridOptions:
     cost_model_warmup: int = 16
     # The fastest measured proposals whose structures join evolution's design spaces.
     proposal_spaces: int = 8
-
-
-class FirstAnswer:
-    """Proposers in order of preference: a round's programs come from the first that gives any. One whose
-    replayed transcript has run out is not asked again."""
-
-    def __init__(self, proposers: list[Proposer]):
-        self.proposers = proposers
-        self.label = proposers[0].label
-
-    def propose(self, view: TaskView):
-        for proposer in list(self.proposers):
-            try:
-                proposals = proposer.propose(view)
-            except TranscriptExhausted as e:
-                log.info("hybrid: %s has no more answers (%s); proposals from %s from now on", proposer.label, e,
-                         ", ".join(p.label for p in self.proposers if p is not proposer))
-                self.proposers.remove(proposer)
-                continue
-            if proposals:
-                self.label = proposer.label
-                return proposals
-        return []
-
-    def record(self, outcomes, proposals) -> None:
-        for proposer in self.proposers:
-            proposer.record(outcomes, proposals)
-
-    @property
-    def failed_rounds(self) -> list[dict]:  # the LLM's rounds whose requests all failed, for results.json
-        return [r for proposer in self.proposers for r in getattr(proposer, "failed_rounds", [])]
 
 
 def _structure(trace) -> str:

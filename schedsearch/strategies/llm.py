@@ -11,8 +11,8 @@ import re
 import sys
 
 from .. import schedule_lang
-from ..llm_client import DEFAULT_TIMEOUT_S, LLMError, Request, make_client
-from .proposals import Outcome, Proposal, TaskView
+from ..llm_client import LLMError, Request, make_client
+from .proposals import Outcome, Proposal, TaskView, search_factory
 
 SYSTEM = """You are an expert performance engineer who schedules tensor kernels with Apache TVM.
 You write schedule programs in a restricted language (below), exactly as TVM prints schedule traces:
@@ -242,12 +242,21 @@ class LLMProposer:
                                   program_sha256=hashlib.sha256(o.program.encode()).hexdigest()[:16])
 
 
-def make_llm_proposer(run, target_facts: dict, seed: int = 0, llm: str = "openai", llm_model: str | None = None,
-                      concurrency: int = 8, ideas: int = 4, programs_per_idea: int = 2, temperature: float = 0.8,
-                      price_in: float = 0.0, price_out: float = 0.0, wait: bool = True,
-                      timeout_s: float = DEFAULT_TIMEOUT_S, exchange: str = "ideas", client=None):
+def make_llm_proposer(run, target_facts: dict, seed: int, llm: str, llm_model: str | None, concurrency: int,
+                      ideas: int, programs_per_idea: int, temperature: float, price_in: float, price_out: float,
+                      wait: bool, timeout_s: float, exchange: str, client=None):
+    """Options: options.LLMOptions (their defaults are there)."""
     client = client or make_client(llm, llm_model, run.transcript if run else None, concurrency=concurrency,
                                    timeout_s=timeout_s, price_in=price_in, price_out=price_out, wait=wait)
     factory = lambda task: LLMProposer(client, ideas, programs_per_idea, temperature, seed, exchange)
     factory.client = client
     return factory
+
+
+def make_llm_strategy(target, seed: int = 0, run=None, **options):
+    """-> factory `task -> ProposalSearch`, with `.stats()`: round timings and LLM usage for results.json."""
+    from ..target import facts
+
+    target_facts = facts(target)
+    proposer_for = make_llm_proposer(run=run, target_facts=target_facts, seed=seed, **options)
+    return search_factory("llm", proposer_for, target_facts, seed, proposer_for.client, run=run, remeasure_best=True)

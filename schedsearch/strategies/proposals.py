@@ -14,6 +14,7 @@ hardware measurement for every strategy.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,12 +26,15 @@ import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from .. import measure, schedule_lang
+from .. import measure, result_codes, schedule_lang
+from ..llm_client import TranscriptExhausted
 from ..rundir import append_line, drop_cut_tail
 from ..schedule_lang import ScheduleLangError
 
 HISTORY_FOR_PROMPT = 12  # fastest measured programs a proposer is shown
 ROUNDS_FOR_PROMPT = 3  # rounds whose every program (and what became of it) a proposer is shown
+
+log = logging.getLogger("schedsearch.ms")
 
 
 @dataclass
@@ -155,6 +159,37 @@ class Proposer(Protocol):
     def propose(self, view: TaskView) -> list[Proposal]: ...
 
     def record(self, outcomes: list[Outcome], proposals: list[Proposal]) -> None: ...
+
+
+class FirstAnswer:
+    """Proposers in order of preference: a round's programs come from the first that gives any. One whose
+    replayed transcript has run out is not asked again."""
+
+    def __init__(self, proposers: list[Proposer]):
+        self.proposers = proposers
+        self.label = proposers[0].label
+
+    def propose(self, view: TaskView):
+        for proposer in list(self.proposers):
+            try:
+                proposals = proposer.propose(view)
+            except TranscriptExhausted as e:
+                log.info("%s has no more answers (%s); proposals from %s from now on", proposer.label, e,
+                         ", ".join(p.label for p in self.proposers if p is not proposer))
+                self.proposers.remove(proposer)
+                continue
+            if proposals:
+                self.label = proposer.label
+                return proposals
+        return []
+
+    def record(self, outcomes, proposals) -> None:
+        for proposer in self.proposers:
+            proposer.record(outcomes, proposals)
+
+    @property
+    def failed_rounds(self) -> list[dict]:  # the LLM's rounds whose requests all failed, for results.json
+        return [r for proposer in self.proposers for r in getattr(proposer, "failed_rounds", [])]
 
 
 def measure_candidate(sch) -> ms.MeasureCandidate:
@@ -409,7 +444,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
                 continue
             out = Outcome(program, source, "measuring", round=self.round, kernel=str(h))
             self.outcomes.append(out)
-            token = measure.deferred_token(r.error_msg)
+            token = result_codes.deferred_token(r.error_msg)
             if token is not None:
                 self.measuring[token] = (out, Proposal(program, source))
             else:
@@ -421,7 +456,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
     def notify_runner_results(self, measure_candidates, results) -> None:
         for (out, proposal), r in zip(self.pending, results):
             self.trials += 1
-            token = measure.deferred_token(r.error_msg)
+            token = result_codes.deferred_token(r.error_msg)
             if token is not None:  # still compiling or queued: its result comes with a later round
                 out.status = "measuring"
                 self.measuring[token] = (out, proposal)
@@ -456,26 +491,6 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
     def clone(self):
         return ProposalSearch(self.proposer, self.target_facts, self.explore, self.oversample,
                               self.max_empty_rounds, self.seed, self.history_path, self.remeasure_best)
-
-
-def make_proposal_strategy(name: str, target, seed: int = 0, run=None, library: str | None = None, **options):
-    """-> factory `task -> ProposalSearch`, with `.stats()`: round timings (and LLM usage) for results.json.
-    `library` (rules): --library's none | auto | PATH, whose programs make a task's first round."""
-    from ..target import facts
-
-    target_facts = facts(target)
-    lib = None
-    if name == "rules":
-        from .. import library as libraries
-        from .from_library import library_first
-        from .rules import RuleProposer
-        lib = libraries.load(library, target.kind.name)
-        proposer_for = library_first(lib, target.kind.name, lambda task: RuleProposer())
-    else:
-        from .llm import make_llm_proposer
-        proposer_for = make_llm_proposer(run=run, target_facts=target_facts, seed=seed, **options)
-    return search_factory(name, proposer_for, target_facts, seed, getattr(proposer_for, "client", None), run=run,
-                          remeasure_best=name == "llm", library=lib)
 
 
 def search_factory(name: str, proposer_for, target_facts: dict, seed: int, client=None, wrap=None, run=None,

@@ -14,7 +14,7 @@ import dataclasses
 
 
 from .. import schedule_lang
-from .proposals import Proposal, TaskView
+from .proposals import Proposal, TaskView, search_factory
 
 SAMPLERS = ("sample_perfect_tile", "sample_categorical", "sample_compute_location")
 
@@ -66,3 +66,15 @@ class RuleProposer:
 
     def record(self, outcomes, proposals) -> None:
         pass
+
+
+def make_rules_strategy(target, seed: int = 0, run=None, library: str | None = None):
+    """-> factory `task -> ProposalSearch`, with `.stats()`: round timings for results.json. `library`:
+    --library's none | auto | PATH, whose programs make a task's first round."""
+    from .. import library as libraries
+    from ..target import facts
+    from .from_library import library_first
+
+    lib = libraries.load(library, target.kind.name)
+    proposer_for = library_first(lib, target.kind.name, lambda task: RuleProposer())
+    return search_factory("rules", proposer_for, facts(target), seed, run=run, library=lib)
