@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import itertools
 import json
 import os
 import random
@@ -202,21 +203,27 @@ def _run(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProce
     return subprocess.CompletedProcess(cmd, p.returncode, stdout)
 
 
+def number(name: str) -> int:
+    found = re.match(r"\d+", Path(name).name)
+    return int(found.group()) if found else 0
+
+
 def problem_files(kb_dir: Path, levels: list[int], sample: int | None, seed: int) -> list[Path]:
-    number = lambda p: int(re.match(r"\d+", p.name).group()) if re.match(r"\d+", p.name) else 0
-    files = []
+    """The levels' files in turn (1, 2, 3, 1, 2, ...): a run cut short has covered each level alike."""
+    per_level = []
     for level in levels:
-        found = sorted((kb_dir / f"level{level}").glob("*.py"), key=number)
+        found = sorted((kb_dir / f"level{level}").glob("*.py"), key=lambda p: number(p.name))
         if not found:
             raise SystemExit(f"kernelbench_coverage: no problem files in {kb_dir / f'level{level}'}")
         if sample is not None and sample < len(found):
-            found = sorted(random.Random(seed).sample(found, sample), key=number)
-        files += found
-    return files
+            found = sorted(random.Random(seed).sample(found, sample), key=lambda p: number(p.name))
+        per_level.append(found)
+    return [f for group in itertools.zip_longest(*per_level) for f in group if f is not None]
 
 
 def write_tables(rows: list[Row], out: Path, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda r: (r.file.split("/")[0], number(r.file)))
     (out / "coverage.json").write_text(json.dumps({"settings": settings(args), "rows": [asdict(r) for r in rows]},
                                                   indent=1))
     lines = [f"settings: {settings(args)}", ""]
@@ -249,7 +256,8 @@ def main() -> int:
     p.add_argument("--levels", default="1,2,3")
     p.add_argument("--sample", type=int, help="this many files per level, drawn at random (seeded)")
     p.add_argument("--only", help="regex on levelN/name.py: run only the files it matches")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rerun", help="regex on levelN/name.py: run these again though OUT has their rows")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample's draw")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per file (default 600)")
     p.add_argument("--trials", type=int, default=2, help="tune's --trials (default 2)")
     p.add_argument("--validation-seeds", type=int, default=1,
@@ -270,12 +278,20 @@ def main() -> int:
     if args.only:
         files = [f for f in files if re.search(args.only, f.relative_to(kb_dir).as_posix())]
     out = args.output.resolve()
-    rows: list[Row] = []
+    # Rows of an earlier run into OUT with the same settings are kept (the run resumes); --rerun's are run again.
+    rows: dict[str, Row] = {}
+    if (out / "coverage.json").is_file():
+        earlier = json.loads((out / "coverage.json").read_text())
+        if earlier["settings"] == settings(args):
+            rows = {r["file"]: Row(**r) for r in earlier["rows"]
+                    if not (args.rerun and re.search(args.rerun, r["file"]))}
+    files = [f for f in files if f.relative_to(kb_dir).as_posix() not in rows]
     with ThreadPoolExecutor(args.jobs) as pool:
         for row in pool.map(lambda f: run_one(f, kb_dir, out, args), files):
-            rows.append(row)
+            rows[row.file] = row
             print(f"{row.file:70} {row.stage:9} {row.seconds:5.0f} s  {row.error or ''}", flush=True)
-            write_tables(rows, out, args)
+            write_tables(list(rows.values()), out, args)
+    rows = list(rows.values())
     write_tables(rows, out, args)
     passed = sum(r.stage == "passed" for r in rows)
     print(f"{passed} of {len(rows)} passed; {out / 'coverage.md'}")

@@ -15,6 +15,7 @@ from tvm.relax.frontend.onnx import from_onnx
 from tvm.s_tir import meta_schedule as ms
 
 from .errors import UserError
+from . import onnx_ops
 from .legalize import LEGALIZE_MAP
 from .workload import Workload
 
@@ -64,7 +65,7 @@ def import_onnx(onnx_path: Path, shapes: dict[str, list[int]] | None = None) -> 
     `shapes` fixes dynamic input dimensions (kernels are tuned for one static shape)."""
     import onnx
 
-    model = onnx.load(str(onnx_path))
+    model = onnx_ops.decompose(onnx.load(str(onnx_path)))
     try:
         mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
     except tvm.error.OpNotImplemented as e:

@@ -270,7 +270,8 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
             if stoppable.stopped:
                 break
             if log.done < trials:  # the space ran dry before the budget: say so instead of looping
-                print(f"{log.label} search stopped after {log.done} trials: no new candidates", file=sys.stderr)
+                print(f"{log.label} space exhausted after {log.done} trials: the search has no other schedules to "
+                      "measure (an elementwise kernel's space can be one)", file=sys.stderr)
         with cost_models.quiet_xgboost_file_format():
             cost_model.save(str(run.root / "cost_model.tar"))  # reusable with --cost-model on the same device
         return trials_done(run)
@@ -470,7 +471,7 @@ def _compile_validate_write(workload, target, run, mod, tasks, by_task, strategy
         "target": str(target), "device": targets.facts(target), "versions": versions(),
         "command": command or sys.argv,
         "cost_model": model_start.record(),
-        "tasks": [task_summary(t, by_task.get(t.name, [])) for t in tasks],
+        "tasks": [task_summary(t, by_task.get(t.name, []), trials) for t in tasks],
         **measured,
         "module": file_identity(staged),
         "tuning_wall_s": round(tuning_s, 1),  # over every invocation, when resumed
@@ -500,7 +501,8 @@ def search_seconds(trials: list[dict]) -> float:
     return sum(longest.values())
 
 
-def task_summary(task: Task, trials: list[dict]) -> dict:
+def task_summary(task: Task, trials: list[dict], budget: int) -> dict:
+    """`budget`: the trials asked for; a finished search that measured fewer exhausted the task's space."""
     curve, best = [], None
     for r in trials:
         if r["latency_us"] is not None and (best is None or r["latency_us"] < best):
@@ -509,7 +511,7 @@ def task_summary(task: Task, trials: list[dict]) -> dict:
     causes = collections.Counter(r["error"] for r in trials if r["error"] is not None)
     out = {"name": task.name, "weight": task.weight, "flops": task.flops, "bytes": param_bytes(task.mod),
            "trials": len(trials), "errors": sum(causes.values()), "error_causes": causes.most_common(),
-           "best_us": best, "curve": curve}
+           "best_us": best, "curve": curve, "space_exhausted": len(trials) < budget}
     origins: dict[str, dict] = {}
     for r in trials:
         if r.get("origin"):
