@@ -1,8 +1,7 @@
 """Coverage of KernelBench: every problem file through `schedsearch tune` on LLVM, stage by stage.
 
     git clone https://github.com/ScalingIntelligence/KernelBench   # not part of this repository
-    nice python benchmarks/kernelbench_coverage.py KernelBench/KernelBench --levels 1,2 -o runs/kb
-    nice python benchmarks/kernelbench_coverage.py KernelBench/KernelBench --levels 3 --sample 10 -o runs/kb3
+    nice python benchmarks/kernelbench_coverage.py KernelBench/KernelBench --sample 3:10 -o runs/kb
 
 Each file is run as a user runs it: `python -m schedsearch tune FILE --strategy ansor --trials T --target llvm`
 in a process of its own, killed after --timeout seconds. What it reached is read from tune's own stage lines:
@@ -208,15 +207,24 @@ def number(name: str) -> int:
     return int(found.group()) if found else 0
 
 
-def problem_files(kb_dir: Path, levels: list[int], sample: int | None, seed: int) -> list[Path]:
+def sample_sizes(text: str | None, levels: list[int]) -> dict[int, int]:
+    """--sample N (every level) or L:N,L:N (those levels)."""
+    if not text:
+        return {}
+    if ":" not in text:
+        return {level: int(text) for level in levels}
+    return {int(l): int(n) for l, n in (part.split(":") for part in text.split(","))}
+
+
+def problem_files(kb_dir: Path, levels: list[int], sample: dict[int, int], seed: int) -> list[Path]:
     """The levels' files in turn (1, 2, 3, 1, 2, ...): a run cut short has covered each level alike."""
     per_level = []
     for level in levels:
         found = sorted((kb_dir / f"level{level}").glob("*.py"), key=lambda p: number(p.name))
         if not found:
             raise SystemExit(f"kernelbench_coverage: no problem files in {kb_dir / f'level{level}'}")
-        if sample is not None and sample < len(found):
-            found = sorted(random.Random(seed).sample(found, sample), key=lambda p: number(p.name))
+        if sample.get(level, len(found)) < len(found):
+            found = sorted(random.Random(seed).sample(found, sample[level]), key=lambda p: number(p.name))
         per_level.append(found)
     return [f for group in itertools.zip_longest(*per_level) for f in group if f is not None]
 
@@ -254,7 +262,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("kb_dir", type=Path, help="KernelBench's problem directory (holding level1/, level2/, level3/)")
     p.add_argument("--levels", default="1,2,3")
-    p.add_argument("--sample", type=int, help="this many files per level, drawn at random (seeded)")
+    p.add_argument("--sample", help="N: this many files of each level, drawn at random (seeded); L:N,...: of level L")
     p.add_argument("--only", help="regex on levelN/name.py: run only the files it matches")
     p.add_argument("--rerun", help="regex on levelN/name.py: run these again though OUT has their rows")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample's draw")
@@ -274,7 +282,8 @@ def main() -> int:
         return 0
     args = p.parse_args()
     kb_dir = args.kb_dir.resolve()
-    files = problem_files(kb_dir, [int(l) for l in args.levels.split(",")], args.sample, args.seed)
+    levels = [int(l) for l in args.levels.split(",")]
+    files = problem_files(kb_dir, levels, sample_sizes(args.sample, levels), args.seed)
     if args.only:
         files = [f for f in files if re.search(args.only, f.relative_to(kb_dir).as_posix())]
     out = args.output.resolve()
