@@ -15,7 +15,9 @@ in a module-level assignment (`batch_size = 128`, `N = 2048 * 2`, `layer_sizes =
 get_inputs()/get_init_inputs() is divided by one power-of-two factor F, to no less than --floor; literals
 up to the floor (kernel sizes, strides, padding, axes, group counts) are kept. F is the smallest power of
 two at which the model, built on the meta device, has at most --max-elements input + parameter + output
-elements and its forward at most --max-flops (torch's FlopCounterMode). Names computed from others
+elements and its forward at most --max-flops (torch's FlopCounterMode), or the largest at which that forward
+still runs (shapes that scale apart, a dilated kernel and its input, break at some F; where a size held at
+the floor broke it, the floor is halved, twice at most, first). Names computed from others
 (`bias_shape = (out_channels, 1, 1)`) follow, and the model's own literals are not touched. The scaled
 file is written to OUT/problems/ with F in its first line, so every row can be rerun by hand.
 """
@@ -97,14 +99,25 @@ def cost_on_meta(source: str) -> tuple[int, int | None]:
 
 def scale_file(src: Path, dst: Path, floor: int, max_elements: int, max_flops: float) -> int:
     source = src.read_text()
-    factor = 1
+    factor, ran, last = 1, None, None
     while True:
-        text = scaled_source(source, factor, floor)
-        elements, flops = cost_on_meta(text)
+        # Sizes held at the floor while others shrink can break a relation between them (a width that
+        # ConvTranspose doubles into LayerNorm's channel count): lower floors, then the last factor that ran.
+        for f in (floor, floor // 2, floor // 4):
+            text = scaled_source(source, factor, f)
+            elements, flops = cost_on_meta(text)
+            ran = flops is not None if ran is None else ran  # whether the unscaled forward runs on meta
+            if flops is not None or not ran:
+                break
+        if ran and flops is None:
+            factor, f, text, elements, flops = last
+            break
+        last = factor, f, text, elements, flops
         fits = elements <= max_elements and (flops is None or flops <= max_flops)
-        if fits or factor >= 1 << 16 or not size_literals(text, floor):
+        if fits or factor >= 1 << 16 or not size_literals(text, f):
             break
         factor *= 2
+    floor = f
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(f"# {src.name} with its sizes divided by {factor} (floor {floor}): "
                    f"{elements} elements, {flops} FLOPs (benchmarks/kernelbench_coverage.py)\n" + text)
