@@ -230,15 +230,16 @@ def sample_sizes(text: str | None, levels: list[int]) -> dict[int, int]:
 
 
 def problem_files(kb_dir: Path, levels: list[int], sample: dict[int, int], seed: int) -> list[Path]:
-    """The levels' files in turn (1, 2, 3, 1, 2, ...): a run cut short has covered each level alike."""
+    """The levels' files in turn (1, 2, 3, 1, 2, ...), each level's in a random order (seeded): a run cut short
+    has run a random sample of each level."""
     per_level = []
     for level in levels:
         found = sorted((kb_dir / f"level{level}").glob("*.py"), key=lambda p: number(p.name))
         if not found:
             raise SystemExit(f"kernelbench_coverage: no problem files in {kb_dir / f'level{level}'}")
         if sample.get(level, len(found)) < len(found):
-            found = sorted(random.Random(seed).sample(found, sample[level]), key=lambda p: number(p.name))
-        per_level.append(found)
+            found = random.Random(seed).sample(found, sample[level])
+        per_level.append(random.Random(seed + level).sample(found, len(found)))
     return [f for group in itertools.zip_longest(*per_level) for f in group if f is not None]
 
 
@@ -278,7 +279,7 @@ def main() -> int:
     p.add_argument("--sample", help="N: this many files of each level, drawn at random (seeded); L:N,...: of level L")
     p.add_argument("--only", help="regex on levelN/name.py: run only the files it matches")
     p.add_argument("--rerun", help="regex on levelN/name.py: run these again though OUT has their rows")
-    p.add_argument("--seed", type=int, default=0, help="seed of --sample's draw")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample's draw and of the order")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per file (default 600)")
     p.add_argument("--trials", type=int, default=2, help="tune's --trials (default 2)")
     p.add_argument("--validation-seeds", type=int, default=1,
