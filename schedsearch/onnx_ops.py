@@ -5,12 +5,16 @@ the importer refuses both ("not supported for frontend ONNX"). Each becomes what
 definition computes: LogSoftmax over axis 1 (cross entropy), the target class's log-probability picked
 with GatherElements and negated, times the class weight, ignored targets counting for nothing, then
 reduced (mean: divided by the summed weights of the counted targets, or by their number).
+
+torch.onnx cannot export torch.cumprod at all ("No ONNX function found for prims.prod"): TORCH_DECOMPOSITIONS
+rewrite it in the torch program before the export (frontend.export_onnx).
 """
 from __future__ import annotations
 
 import itertools
 
 import onnx
+import torch
 from onnx import TensorProto, helper
 
 
@@ -84,3 +88,24 @@ def _nll(b: _Builder, log_prob: str, rest: list[str], out: str, attributes) -> l
 
 
 REWRITES = {"SoftmaxCrossEntropyLoss": _softmax_cross_entropy, "NegativeLogLikelihoodLoss": _negative_log_likelihood}
+
+
+def _cumprod(x: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """out[..., i] = prod(x[..., k] for k <= i) along dim: x repeated over a new axis i, ones where k > i, and
+    ReduceProd, which ONNX and TVM have (TVM fuses the mask into the reduction: n^2 multiplies for n values,
+    no n x n tensor)."""
+    x = x if dtype is None else x.to(dtype)
+    dim = dim % x.dim()
+    n = x.shape[dim]
+    upto = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()  # [i, k]: k <= i
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    return torch.where(upto, x.movedim(dim, -1).unsqueeze(-2), one).prod(-1).movedim(-1, dim)
+
+
+TORCH_DECOMPOSITIONS = {torch.ops.aten.cumprod.default: _cumprod}
+
+
+def decompose_program(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The program with the ops of TORCH_DECOMPOSITIONS rewritten (itself where it has none)."""
+    used = {n.target for n in program.graph.nodes if n.op == "call_function"} & set(TORCH_DECOMPOSITIONS)
+    return program.run_decompositions({op: TORCH_DECOMPOSITIONS[op] for op in used}) if used else program

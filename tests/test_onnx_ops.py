@@ -1,5 +1,5 @@
-"""Losses TVM's ONNX importer lacks (SoftmaxCrossEntropyLoss, NegativeLogLikelihoodLoss), decomposed before the
-import, against PyTorch; Python scalars among get_inputs()."""
+"""Ops that TVM's ONNX importer (SoftmaxCrossEntropyLoss, NegativeLogLikelihoodLoss) or torch.onnx (cumprod) lacks,
+decomposed, against PyTorch; Python scalars among get_inputs()."""
 import onnx
 import torch
 
@@ -47,3 +47,21 @@ def test_python_scalars_among_the_inputs_are_fixed_at_their_values(tmp_path, wri
     a = wl.make_inputs()[0]
     torch.testing.assert_close(wl.reference([a])[0], a * 3.5)
     frontend.import_onnx(frontend.export_onnx(wl, tmp_path / "m.onnx"), wl.shapes())  # exports, imports
+
+
+def test_cumprod_is_exported_and_compiled(tmp_path, write_problem):
+    path = write_problem(
+        "class Model(nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return torch.cumprod(x, dim=1), torch.cumprod(x, dim=-1)\n"
+        "def get_inputs():\n"
+        "    return [torch.randn(3, 7, 5)]\n"
+        "def get_init_inputs():\n"
+        "    return []\n")
+    wl = workload.load(path)
+    onnx_path = frontend.export_onnx(wl, tmp_path / "m.onnx")
+    module = CompiledModule(frontend.compile_module(frontend.import_onnx(onnx_path, wl.shapes()),
+                                                    targets.resolve("llvm"), None), "cpu")
+    x = wl.make_inputs()
+    for ours, ref in zip(module(*x), wl.reference(x), strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
