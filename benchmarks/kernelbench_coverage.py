@@ -77,16 +77,20 @@ def scaled_source(source: str, factor: int, floor: int) -> str:
     return b"\n".join(lines).decode()
 
 
-def cost_on_meta(source: str) -> tuple[int, int | None]:
-    """(input + parameter + output elements, forward FLOPs or None where the forward does not run on meta)."""
+def cost_on_meta(source: str) -> tuple[int | None, int | None]:
+    """(input + parameter + output elements, forward FLOPs) on the meta device: FLOPs None where the forward
+    does not run there, both None where the model or its inputs do not build (a check of the sizes failed)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     module = types.ModuleType("_kernelbench_probe")
     with torch.device("meta"):
-        exec(compile(source, "<problem>", "exec"), module.__dict__)  # a KernelBench file, as the loader runs it
-        model = module.Model(*module.get_init_inputs())
-        inputs = [t for t in module.get_inputs() if isinstance(t, torch.Tensor)]
+        try:
+            exec(compile(source, "<problem>", "exec"), module.__dict__)  # a KernelBench file, as the loader runs it
+            model = module.Model(*module.get_init_inputs())
+            inputs = [t for t in module.get_inputs() if isinstance(t, torch.Tensor)]
+        except Exception:
+            return None, None
         elements = sum(t.numel() for t in inputs) + sum(t.numel() for t in model.state_dict().values())
         try:
             with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -99,24 +103,25 @@ def cost_on_meta(source: str) -> tuple[int, int | None]:
 
 def scale_file(src: Path, dst: Path, floor: int, max_elements: int, max_flops: float) -> int:
     source = src.read_text()
-    factor, ran, last = 1, None, None
-    while True:
-        # Sizes held at the floor while others shrink can break a relation between them (a width that
-        # ConvTranspose doubles into LayerNorm's channel count): lower floors, then the last factor that ran.
-        for f in (floor, floor // 2, floor // 4):
-            text = scaled_source(source, factor, f)
-            elements, flops = cost_on_meta(text)
-            ran = flops is not None if ran is None else ran  # whether the unscaled forward runs on meta
-            if flops is not None or not ran:
-                break
-        if ran and flops is None:
-            factor, f, text, elements, flops = last
-            break
-        last = factor, f, text, elements, flops
+    text, f = source, floor
+    elements, flops = cost_on_meta(source)
+    ran = flops is not None  # whether the unscaled forward runs on meta
+    broken = lambda elements, flops: elements is None or (ran and flops is None)
+    factor = 1
+    while elements is not None:  # else the file as it is does not build: tune says why
         fits = elements <= max_elements and (flops is None or flops <= max_flops)
         if fits or factor >= 1 << 16 or not size_literals(text, f):
             break
-        factor *= 2
+        # Sizes held at the floor while others shrink can break a relation between them (a width that
+        # ConvTranspose doubles into LayerNorm's channel count): lower floors, then the last factor that ran.
+        for lower in (floor, floor // 2, floor // 4):
+            scaled = scaled_source(source, factor * 2, lower)
+            cost = cost_on_meta(scaled)
+            if not broken(*cost):
+                break
+        if broken(*cost):
+            break
+        factor, text, f, (elements, flops) = factor * 2, scaled, lower, cost
     floor = f
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(f"# {src.name} with its sizes divided by {factor} (floor {floor}): "
