@@ -14,7 +14,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.s_tir import meta_schedule as ms
 
-from . import shared_memory
+from . import onnx_ops, shared_memory
 from .errors import UserError
 from .legalize import LEGALIZE_MAP
 from .workload import Workload
@@ -43,7 +43,12 @@ def export_onnx(workload: Workload, path: Path) -> Path:
     try:
         with contextlib.redirect_stdout(buf), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(workload.model.cpu(), inputs, str(path), dynamo=True, opset_version=18,
+            model = workload.model.cpu()
+            try:  # torch.onnx's own first capture; ops it cannot export are rewritten in the program
+                model = onnx_ops.decompose_program(torch.export.export(model, inputs, strict=False))
+            except Exception:
+                pass  # torch.onnx tries its other captures on the model, and says what failed
+            torch.onnx.export(model, inputs, str(path), dynamo=True, opset_version=18,
                               input_names=workload.input_names, external_data=True)
     except Exception as e:
         raise UserError(f"ONNX export of {workload.name} failed: {root_cause(e)}") from e
@@ -65,7 +70,7 @@ def import_onnx(onnx_path: Path, shapes: dict[str, list[int]] | None = None) -> 
     `shapes` fixes dynamic input dimensions (kernels are tuned for one static shape)."""
     import onnx
 
-    model = onnx.load(str(onnx_path))
+    model = onnx_ops.decompose(onnx.load(str(onnx_path)))
     try:
         mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
     except tvm.error.OpNotImplemented as e:

@@ -266,7 +266,8 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
             if stoppable.stopped:
                 break
             if log.done < trials:  # the space ran dry before the budget: say so instead of looping
-                print(f"{log.label} search stopped after {log.done} trials: no new candidates", file=sys.stderr)
+                print(f"{log.label} space exhausted after {log.done} trials: the search has no other schedules to "
+                      "measure (an elementwise kernel's space can be one)", file=sys.stderr)
         with cost_models.quiet_xgboost_file_format():
             cost_model.save(str(run.root / "cost_model.tar"))  # reusable with --cost-model on the same device
         return trials_done(run)
@@ -496,7 +497,7 @@ def _compile_validate_write(workload, target, search_target, run, mod, tasks, by
         shared_memory_per_block=shared_memory.limit(search_target) if targets.is_gpu(target) else None,
         command=command or sys.argv,
         cost_model=model_start.record(),
-        tasks=[task_summary(t, by_task.get(t.name, [])) for t in tasks],
+        tasks=[task_summary(t, by_task.get(t.name, []), tuning.trials) for t in tasks],
         **measured,
         module=file_identity(staged),
         tuning_wall_s=round(tuning_s, 1),
@@ -523,7 +524,8 @@ def search_seconds(trials: list[dict]) -> float:
     return sum(longest.values())
 
 
-def task_summary(task: Task, trials: list[dict]) -> dict:
+def task_summary(task: Task, trials: list[dict], budget: int) -> dict:
+    """`budget`: the trials asked for; a finished search that measured fewer exhausted the task's space."""
     curve, best = [], None
     for r in trials:
         if r["latency_us"] is not None and (best is None or r["latency_us"] < best):
@@ -532,7 +534,7 @@ def task_summary(task: Task, trials: list[dict]) -> dict:
     causes = collections.Counter(r["error"] for r in trials if r["error"] is not None)
     out = {"name": task.name, "weight": task.weight, "flops": task.flops, "bytes": param_bytes(task.mod),
            "trials": len(trials), "errors": sum(causes.values()), "error_causes": causes.most_common(),
-           "best_us": best, "curve": curve}
+           "best_us": best, "curve": curve, "space_exhausted": len(trials) < budget}
     origins: dict[str, dict] = {}
     for r in trials:
         if r.get("origin"):

@@ -116,7 +116,8 @@ def compare(outputs: list[torch.Tensor], refs: list[torch.Tensor],
     An output at fp32 noise level (PyTorch fp32 itself >= 100% off normwise: the mean of a group-normalised
     tensor, exactly 0) has no meaningful relative error: there the normwise test's floor is atol (RMS error).
 
-    Values whose reference is NaN/Inf are not compared (counted in not_compared); a check where no value
+    Values whose reference is NaN/Inf are not compared (counted in not_compared), nor values beyond fp32's range
+    where the output is the same Inf as PyTorch fp32 (cumprod of mean-1e3 inputs); a check where no value
     could be compared is not checkable: passed False, checkable False, never a pass.
     The figures reported are against `refs`."""
     max_abs = max_rel = rel_l2 = tol = 0.0
@@ -131,9 +132,14 @@ def compare(outputs: list[torch.Tensor], refs: list[torch.Tensor],
         tol = max(tol, TOLERANCES.get(out.dtype, 0.0))  # the dtype under test, not the reference's
         o, r = out.double(), ref.double()
         bad_nonfinite = (~torch.isfinite(o)) & torch.isfinite(r)
+        # Beyond fp32's range the same Inf as PyTorch fp32 is no error, and not compared: cumprod of mean-1e3
+        # inputs (float64 finite up to 1e3^102) overflowed on 23,040 of 65,536 values in both.
+        alike = (bad_nonfinite & torch.isinf(o) & (o == fp32_refs[i].double()) if fp32_refs is not None
+                 else torch.zeros_like(bad_nonfinite))
+        bad_nonfinite &= ~alike
         if bad_nonfinite.any():
             return fail(f"output {i}: {int(bad_nonfinite.sum())} NaN/Inf values where PyTorch has finite ones")
-        finite = torch.isfinite(r)
+        finite = torch.isfinite(r) & ~alike
         total += r.numel()
         not_compared += int((~finite).sum())
         o, r = o[finite], r[finite]

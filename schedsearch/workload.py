@@ -3,6 +3,7 @@
 A KernelBench file defines `Model`, `get_inputs()` and `get_init_inputs()`. Ours may also
 define `SIZES = {"small": {"CONST": value, ...}}`: the loader overrides those module globals
 before calling `get_init_inputs()`/`get_inputs()`, so one file serves CPU tests and real runs.
+get_inputs() may return Python scalars beside the tensors: they are fixed at their values (FixedScalars).
 It may define `INPUT_DOMAINS = ["positive", "real", ...]`, one per input of get_inputs(): validation then
 draws that input in that domain (validate.DOMAINS), e.g. positive where the program takes its log.
 """
@@ -116,21 +117,38 @@ def _load_kernelbench(path: Path, size: str) -> Workload:
         inputs = module.get_inputs()
     except Exception as e:
         raise UserError(f"{path}: building the model or its inputs failed: {type(e).__name__}: {e}") from e
-    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise UserError(f"{path}: get_inputs() must return a non-empty list of tensors")
+    if not inputs or not all(isinstance(t, (torch.Tensor, bool, int, float)) for t in inputs) or not any(
+            isinstance(t, torch.Tensor) for t in inputs):
+        raise UserError(f"{path}: get_inputs() must return a non-empty list of tensors (and Python scalars)")
+    if not all(isinstance(t, torch.Tensor) for t in inputs):
+        model = FixedScalars(model, inputs)
     first = inputs
 
     def make_inputs() -> list[torch.Tensor]:
         nonlocal first
-        if first is not None:  # reuse the tensors built during loading once
-            out, first = first, None
-            return out
-        return module.get_inputs()
+        out, first = (first if first is not None else module.get_inputs()), None  # loading's tensors, once
+        return [t for t in out if isinstance(t, torch.Tensor)]
 
+    inputs = [t for t in inputs if isinstance(t, torch.Tensor)]
     return Workload(path.stem, path, size, make_inputs, model=model,
                     input_names=[f"input{i}" for i in range(len(inputs))],
                     input_specs=[(tuple(t.shape), t.dtype) for t in inputs],
                     input_domains=_input_domains(path, getattr(module, "INPUT_DOMAINS", None), len(inputs)))
+
+
+class FixedScalars(torch.nn.Module):
+    """The model with get_inputs()'s Python scalars (KernelBench's matrix-scalar multiplication: A and a float)
+    fixed at the values of the loading call: TVM compiles for them as constants, as for the shapes; the
+    workload's inputs are the tensors."""
+
+    def __init__(self, model: torch.nn.Module, args: list):
+        super().__init__()
+        self.model = model
+        self.scalars = [None if isinstance(a, torch.Tensor) else a for a in args]
+
+    def forward(self, *tensors):
+        given = iter(tensors)
+        return self.model(*[next(given) if s is None else s for s in self.scalars])
 
 
 def _input_domains(path: Path, declared, n_inputs: int) -> list[str]:

@@ -102,7 +102,7 @@ def test_a_corrupted_record_fails_validation(softmax_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_onnx_workload_with_input_shape(tmp_path):
+def test_onnx_workload_with_input_shape(tmp_path, capsys):
     class Net(torch.nn.Module):
         def forward(self, x):
             return torch.relu(x) * 2
@@ -121,6 +121,10 @@ def test_onnx_workload_with_input_shape(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["workload"]["inputs"] == [{"name": "x", "shape": [4, 8], "dtype": "float32"}]
     assert res["validation"]["passed"] and "torch_eager" not in res["timing"]
+    # relu(x) * 2 has one schedule: the search ends there and says why
+    assert res["tasks"][0]["trials"] == 1 and res["tasks"][0]["space_exhausted"]
+    out, err = capsys.readouterr()
+    assert "space exhausted after 1 trials" in err and "1 (space exhausted)" in out
 
 
 @pytest.mark.slow

@@ -145,6 +145,17 @@ def test_values_whose_reference_is_nan_are_not_compared_and_counted():
     assert "2 values not compared, their reference NaN/Inf" in verdict(summary([check]))
 
 
+def test_the_same_overflow_as_pytorch_fp32_is_not_an_error():
+    """cumprod of mean-1e3 inputs: float64 finite, PyTorch fp32 and the kernel Inf on the same values."""
+    ref64 = torch.tensor([1e3, 1e6, 1e39, -1e40], dtype=torch.float64)
+    ref32 = torch.tensor([1e3, 1e6, float("inf"), -float("inf")])
+    check = compare([ref32.clone()], [ref64], [ref32])
+    assert check.passed and check.not_compared == 2
+    wrong_sign = torch.tensor([1e3, 1e6, float("inf"), float("inf")])
+    assert "1 NaN/Inf values where PyTorch has finite ones" in compare([wrong_sign], [ref64], [ref32]).problem
+    assert not compare([ref32.clone()], [ref64]).passed  # against float64 alone it still fails
+
+
 def test_bad_input_domains_are_refused(write_problem):
     with pytest.raises(UserError, match="INPUT_DOMAINS: unknown domain 'probability'"):
         workload.load(write_problem(KLDIV + "INPUT_DOMAINS = ['probability', 'positive']\n"))

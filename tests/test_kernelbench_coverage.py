@@ -1,0 +1,51 @@
+"""benchmarks/kernelbench_coverage.py's size scaling (no tune: the script runs `schedsearch tune` itself)."""
+import importlib.util
+import sys
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("kernelbench_coverage", ROOT / "benchmarks/kernelbench_coverage.py")
+coverage = sys.modules["kernelbench_coverage"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+spec.loader.exec_module(coverage)
+
+PROBLEM = """import torch
+import torch.nn as nn
+
+class Model(nn.Module):
+    def __init__(self, c, norm_shape):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(c, c, 3, stride=2, padding=1, output_padding=1)
+        self.norm = nn.LayerNorm(norm_shape)  # over the last axis: width * 2 must equal c
+        self.head = nn.Linear(1024, 10)  # the model's own literal: not scaled
+    def forward(self, x):
+        return self.norm(self.up(x))
+
+batch_size = 128  # a comment stays
+channels = 64
+width = 32
+norm_shape = (channels,)
+
+def get_inputs():
+    return [torch.rand(batch_size, channels, 24, width)]
+
+def get_init_inputs():
+    return [channels, norm_shape]
+"""
+
+
+def test_size_literals_are_divided_and_small_ones_kept():
+    text = coverage.scaled_source(PROBLEM, 4, 16)
+    assert "batch_size = 32  # a comment stays" in text and "channels = 16" in text and "width = 16" in text
+    assert "torch.rand(batch_size, channels, 16, width)" in text  # 24 // 4 = 6, held at the floor
+    assert "nn.Linear(1024, 10)" in text and "ConvTranspose2d(c, c, 3, stride=2" in text
+
+
+def test_a_factor_that_breaks_the_shapes_is_not_taken(tmp_path):
+    src, dst = tmp_path / "p.py", tmp_path / "scaled" / "p.py"
+    src.write_text(PROBLEM)
+    factor = coverage.scale_file(src, dst, 16, 1 << 12, 5e7)  # a budget no factor meets
+    namespace = {}
+    exec(dst.read_text(), namespace)
+    model = namespace["Model"](*namespace["get_init_inputs"]())
+    model(*namespace["get_inputs"]())  # runs: width * 2 == channels held at every factor taken
+    assert factor > 1 and dst.read_text().startswith(f"# p.py with its sizes divided by {factor} ")

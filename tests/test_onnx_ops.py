@@ -1,0 +1,67 @@
+"""Ops that TVM's ONNX importer (SoftmaxCrossEntropyLoss, NegativeLogLikelihoodLoss) or torch.onnx (cumprod) lacks,
+decomposed, against PyTorch; Python scalars among get_inputs()."""
+import onnx
+import torch
+
+from schedsearch import frontend, target as targets, workload
+from schedsearch.runtime import CompiledModule
+
+
+def test_cross_entropy_and_nll_are_decomposed_into_supported_ops(tmp_path, write_problem):
+    path = write_problem(
+        "F = torch.nn.functional\n"
+        "class Model(nn.Module):\n"
+        "    def forward(self, scores, target):\n"
+        "        w = torch.linspace(0.5, 2.0, 10)\n"
+        "        return (F.cross_entropy(scores, target), F.cross_entropy(scores, target, weight=w, ignore_index=3),\n"
+        "                F.nll_loss(F.log_softmax(scores, 1), target, reduction='sum'),\n"
+        "                F.cross_entropy(scores, target, reduction='none'))\n"
+        "def get_inputs():\n"
+        "    target = torch.randint(0, 10, (64,))\n"
+        "    target[::5] = 3\n"
+        "    return [torch.randn(64, 10), target]\n"
+        "def get_init_inputs():\n"
+        "    return []\n")
+    wl = workload.load(path)
+    onnx_path = frontend.export_onnx(wl, tmp_path / "m.onnx")
+    exported = {n.op_type for n in onnx.load(str(onnx_path)).graph.node}
+    assert {"SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss"} <= exported  # what the test is about
+    module = CompiledModule(frontend.compile_module(frontend.import_onnx(onnx_path, wl.shapes()),
+                                                    targets.resolve("llvm"), None), "cpu")
+    inputs = wl.make_inputs()
+    for ours, ref in zip(module(*inputs), wl.reference(inputs), strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_python_scalars_among_the_inputs_are_fixed_at_their_values(tmp_path, write_problem):
+    path = write_problem(
+        "class Model(nn.Module):\n"
+        "    def forward(self, A, s):\n"
+        "        return A * s\n"
+        "def get_inputs():\n"
+        "    return [torch.randn(4, 8), 3.5]\n"
+        "def get_init_inputs():\n"
+        "    return []\n")
+    wl = workload.load(path)
+    assert wl.input_specs == [((4, 8), torch.float32)]
+    a = wl.make_inputs()[0]
+    torch.testing.assert_close(wl.reference([a])[0], a * 3.5)
+    frontend.import_onnx(frontend.export_onnx(wl, tmp_path / "m.onnx"), wl.shapes())  # exports, imports
+
+
+def test_cumprod_is_exported_and_compiled(tmp_path, write_problem):
+    path = write_problem(
+        "class Model(nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return torch.cumprod(x, dim=1), torch.cumprod(x, dim=-1)\n"
+        "def get_inputs():\n"
+        "    return [torch.randn(3, 7, 5)]\n"
+        "def get_init_inputs():\n"
+        "    return []\n")
+    wl = workload.load(path)
+    onnx_path = frontend.export_onnx(wl, tmp_path / "m.onnx")
+    module = CompiledModule(frontend.compile_module(frontend.import_onnx(onnx_path, wl.shapes()),
+                                                    targets.resolve("llvm"), None), "cpu")
+    x = wl.make_inputs()
+    for ours, ref in zip(module(*x), wl.reference(x), strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
