@@ -62,7 +62,10 @@ def test_train_writes_xgboost_file_and_manifest(trained, llvm):
     [w] = m["workloads"]
     assert (w["name"], w["records"], w["train"], w["held_out"]) == ("softmax", 4, 2, 2)
     scores = w["held_out_scores"]
-    assert scores["records"] == 2 and -1 <= scores["kendall_tau"] <= 1 and scores["chance_recall"] == 1.0
+    # tau of two records is undefined (None) when the model scores both the same: trained on the other two only,
+    # it did in one CI run (which two are held out follows the database's record order)
+    tau = scores["kendall_tau"]
+    assert scores["records"] == 2 and (tau is None or -1 <= tau <= 1) and scores["chance_recall"] == 1.0
     assert "unseen_scores" not in w and m["scores"]["unseen"] is None  # one workload: no other to train on
     booster = model_dir / m["model"]["file"]
     assert m["model"]["bytes"] == booster.stat().st_size and booster.read_bytes()[:1] == b"{"  # UBJSON, no tar
