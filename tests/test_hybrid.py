@@ -201,3 +201,25 @@ def test_evolution_resamples_a_lifted_program(tmp_path):
     assert len(made) >= 8 and all(k == kinds for k, _ in made)
     assert len({str(d) for _, d in made if d != decisions}) >= 4
     assert len({tvm_ffi.structural_hash(c.sch.mod) for c in candidates}) == len(candidates)
+
+
+def test_late_results_count_toward_the_stall_and_show_as_a_phase():
+    """Proposals measured late (deferred slow builds: all 8 of the model's H200 matmul programs came back after
+    evolution's first round) reset the stall count when they gain, and show as a phase of their own."""
+    from types import SimpleNamespace
+
+    from schedsearch.strategies.hybrid import HybridOptions, HybridSearch
+
+    class Proposals:  # what HybridSearch reads of ProposalSearch here: a late result arrives, 100 us, the best
+        measured = []
+
+        def notify_late_results(self, tokens, results):
+            self.measured.insert(0, SimpleNamespace(latency_us=100.0))
+
+    h = HybridSearch(Proposals(), HybridOptions())
+    h.best_us, h.since_gain = 200.0, 50
+    h.notify_late_results(["token"], ["result"])
+    assert (h.best_us, h.since_gain) == (100.0, 0)
+    assert h.phases == [{"source": "late results", "trials": 0, "results": 1, "best_us": 100.0}]
+    h.notify_late_results([], [])  # nothing arrived: no phase
+    assert len(h.phases) == 1
