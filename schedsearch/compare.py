@@ -205,7 +205,7 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], seeds: 
 
 def _run_job(job: dict, settings: dict, context: dict) -> dict:
     """One baseline timing or one arm. Returns {"label", and "error" | "user_error" | "pending" if any}."""
-    from .llm_client import PendingResponses
+    from .llm_client import PendingResponses, TranscriptExhausted
     from .tune import tune_workload
 
     out, wl, target = Path(settings["out"]), context["workloads"][job["workload"]], context["target"]
@@ -229,6 +229,11 @@ def _run_job(job: dict, settings: dict, context: dict) -> dict:
                       strategy_options=settings["strategy_options"].get(strategy) or None, command=settings["command"])
     except PendingResponses as e:
         return {"label": label, "pending": (e.directory, e.paths)}
+    except TranscriptExhausted as e:  # a transcript of other workloads, not a setting wrong for every arm
+        run.create()
+        (run.root / "error.txt").write_text(f"{e}\n")
+        print(f"{label}: FAILED: {e}", file=sys.stderr)
+        return {"label": label, "error": str(e)}
     except UserError as e:
         return {"label": label, "user_error": str(e)}
     except Exception:  # a crash in one arm (TVM, a worker) must not cost the others

@@ -30,7 +30,8 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 def summary_table(results: Results) -> str:
     """What `tune` prints at the end: per task, then end to end against PyTorch."""
     tasks = table(["task", "weight", "trials", "errors", "best"],
-                  [[t["name"], t["weight"], f"{t['trials']} (space exhausted)" if t.get("space_exhausted") else t["trials"],
+                  [[t["name"], t["weight"], f"{t['trials']} ({'space exhausted' if t.get('space_exhausted') else t['ended']})"
+                    if t.get("space_exhausted") or t.get("ended") else t["trials"],
                     t["errors"], fmt_us(t["best_us"])] for t in results.tasks])
     v, tm = results.validation, results.timing
     rows = [["TVM tuned", fmt_us(tm["tvm"]["median_us"]), f"{fmt_us(tm['tvm']['p10_us'])} .. {fmt_us(tm['tvm']['p90_us'])}"]]

@@ -265,7 +265,9 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
                 raise strategy.error
             if stoppable.stopped:
                 break
-            if log.done < trials:  # the space ran dry before the budget: say so instead of looping
+            if log.done < trials and getattr(strategy, "ended", None):
+                print(f"{log.label} search ended after {log.done} trials: {strategy.ended}", file=sys.stderr)
+            elif log.done < trials:  # the space ran dry before the budget: say so instead of looping
                 print(f"{log.label} space exhausted after {log.done} trials: the search has no other schedules to "
                       "measure (an elementwise kernel's space can be one)", file=sys.stderr)
         with cost_models.quiet_xgboost_file_format():
@@ -486,6 +488,8 @@ def _compile_validate_write(workload, target, search_target, run, mod, tasks, by
                   "against PyTorch eager")
         measured = evaluate(workload, module, seeds=seeds, repeats=repeats)
 
+    stats = factory.stats() if hasattr(factory, "stats") else None
+    ended = (stats or {}).get("ended", {})
     results = Results(
         workload={"name": workload.name, "path": str(workload.path), "sha256": workload.sha256,
                   "weights_sha256": workload.weights_sha256,
@@ -497,13 +501,13 @@ def _compile_validate_write(workload, target, search_target, run, mod, tasks, by
         shared_memory_per_block=shared_memory.limit(search_target) if targets.is_gpu(target) else None,
         command=command or sys.argv,
         cost_model=model_start.record(),
-        tasks=[task_summary(t, by_task.get(t.name, []), tuning.trials) for t in tasks],
+        tasks=[task_summary(t, by_task.get(t.name, []), tuning.trials, ended.get(t.name)) for t in tasks],
         **measured,
         module=file_identity(staged),
         tuning_wall_s=round(tuning_s, 1),
         total_wall_s=round(time.time() - t0, 1),
         strategy_options={k: v for k, v in strategy_options.items() if k != "client"} if strategy_options else None,
-        search=factory.stats() if hasattr(factory, "stats") else None)
+        search=stats)
     os.replace(staged, run.module)
     run.write_results(results)
     return results
@@ -524,8 +528,9 @@ def search_seconds(trials: list[dict]) -> float:
     return sum(longest.values())
 
 
-def task_summary(task: Task, trials: list[dict], budget: int) -> dict:
-    """`budget`: the trials asked for; a finished search that measured fewer exhausted the task's space."""
+def task_summary(task: Task, trials: list[dict], budget: int, ended: str | None = None) -> dict:
+    """`budget`: the trials asked for; a finished search that measured fewer exhausted the task's space, unless
+    it `ended` for another reason (a replayed transcript with no more answers)."""
     curve, best = [], None
     for r in trials:
         if r["latency_us"] is not None and (best is None or r["latency_us"] < best):
@@ -534,7 +539,9 @@ def task_summary(task: Task, trials: list[dict], budget: int) -> dict:
     causes = collections.Counter(r["error"] for r in trials if r["error"] is not None)
     out = {"name": task.name, "weight": task.weight, "flops": task.flops, "bytes": param_bytes(task.mod),
            "trials": len(trials), "errors": sum(causes.values()), "error_causes": causes.most_common(),
-           "best_us": best, "curve": curve, "space_exhausted": len(trials) < budget}
+           "best_us": best, "curve": curve, "space_exhausted": len(trials) < budget and not ended}
+    if ended and len(trials) < budget:
+        out["ended"] = ended
     origins: dict[str, dict] = {}
     for r in trials:
         if r.get("origin"):

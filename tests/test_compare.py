@@ -297,6 +297,26 @@ def test_a_crashing_arm_is_reported_and_the_others_still_run(cmp_dir, tmp_path, 
     assert "rmsnorm: ansor seed 1 has no results" in notes
 
 
+def test_a_transcript_without_a_workloads_answers_fails_that_arm_only(cmp_dir, tmp_path, monkeypatch, capfd):
+    """A replayed transcript recorded on other workloads is an arm's failure, not a setting that stops compare."""
+    import schedsearch.tune
+    from schedsearch.llm_client import TranscriptExhausted
+
+    out = tmp_path / "replay"
+    shutil.copytree(cmp_dir, out)
+    (out / "softmax/rules-s0/results.json").unlink()
+    (out / "rmsnorm/rules-s0/results.json").unlink()
+
+    def no_answer(workload, target, run, *args, **kwargs):
+        raise TranscriptExhausted(f"replay: transcript t.jsonl has no response for this prompt ({workload.name})")
+    monkeypatch.setattr(schedsearch.tune, "tune_workload", no_answer)
+    assert cli(["compare", *ARGS, "-o", str(out)]) == 1
+    err = capfd.readouterr().err
+    assert err.count("FAILED: replay: transcript t.jsonl has no response") == 2
+    notes = (out / "report.md").read_text().split("## Notes", 1)[1]
+    assert "rmsnorm: rules seed 0 has no results (replay: transcript t.jsonl has no response" in notes
+
+
 def test_parallel_workers_run_arms_in_their_own_processes(cmp_dir, tmp_path, capfd):
     out = tmp_path / "parallel"
     shutil.copytree(cmp_dir, out)

@@ -111,6 +111,17 @@ def test_llm_tune_against_a_loopback_server(programs, tmp_path, monkeypatch):
     assert rc == 0
     assert json.loads((replayed / "results.json").read_text())["tasks"][0]["trials"] == 6
 
+    # With a larger budget the replay measures what it finds answers for (requests for more programs than
+    # recorded have none), then ends: not an error.
+    longer = tmp_path / "longer"
+    rc = main(["tune", MATMUL, "--size", "small", "--strategy", "llm", "--llm", f"replay:{out / 'transcript.jsonl'}",
+               "--trials", "12", "-o", str(longer), "--target", "llvm", "--llm-ideas", "2",
+               "--llm-programs-per-idea", "3", "--validation-seeds", "1", "--repeats", "3"])
+    assert rc == 0
+    [task] = json.loads((longer / "results.json").read_text())["tasks"]
+    assert 0 < task["trials"] < 12 and task["ended"] == "the replayed transcript has no more answers"
+    assert not task["space_exhausted"]
+
 
 def test_replay_miss_is_a_clear_error(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"

@@ -214,6 +214,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
         # An exception raised in here reaches Python again as a bare RuntimeError through TVM's FFI:
         # keep the original for the caller (tune.search) and end the task instead.
         self.error: BaseException | None = None
+        self.ended: str | None = None  # why the search ended before its budget, where not the space
 
     def _initialize_with_tune_context(self, context) -> None:
         self.context = context
@@ -324,6 +325,12 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
             t_propose = time.time()
             try:
                 proposals = self.proposer.propose(view)
+            except TranscriptExhausted as e:
+                if not (self.measured or self.rejected):  # not one answer for this task: the wrong transcript
+                    self.error = e
+                else:  # the recorded run stopped here: so does its replay, with what it measured
+                    self.ended = "the replayed transcript has no more answers"
+                return None
             except BaseException as e:
                 self.error = e
                 return None
@@ -510,6 +517,8 @@ def search_factory(name: str, proposer_for, target_facts: dict, seed: int, clien
         inner = [getattr(s, "proposals", s) for s in searches]
         rounds = [r for s in inner for r in s.round_times]
         out = {"proposer": inner[0].proposer.label if inner else name, "rounds": rounds}
+        if ended := {s.context.task_name: s.ended for s in inner if s.ended}:
+            out["ended"] = ended
         if rounds:
             out["mean_round_s_besides_measurement"] = sum(r["total_s"] for r in rounds) / len(rounds)
         if wrap is not None:
