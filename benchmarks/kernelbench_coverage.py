@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 import types
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -314,8 +314,9 @@ def main() -> int:
             rows = {r["file"]: Row(**r) for r in earlier["rows"]
                     if not (args.rerun and re.search(args.rerun, r["file"]))}
     files = [f for f in files if f.relative_to(kb_dir).as_posix() not in rows]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for row in pool.map(lambda f: run_one(f, kb_dir, out, args), files):
+    with ThreadPoolExecutor(args.jobs) as pool:  # rows written as files finish: a killed run keeps them
+        for done in as_completed([pool.submit(run_one, f, kb_dir, out, args) for f in files]):
+            row = done.result()
             rows[row.file] = row
             print(f"{row.file:70} {row.stage:9} {row.seconds:5.0f} s  {row.error or ''}", flush=True)
             write_tables(list(rows.values()), out, args)

@@ -326,7 +326,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
             try:
                 proposals = self.proposer.propose(view)
             except TranscriptExhausted as e:
-                if not (self.measured or self.rejected):  # not one answer for this task: the wrong transcript
+                if not self.outcomes:  # not one answer for this task: the wrong transcript
                     self.error = e
                 else:  # the recorded run stopped here: so does its replay, with what it measured
                     self.ended = "the replayed transcript has no more answers"
