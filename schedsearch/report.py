@@ -498,14 +498,15 @@ def _arm_notes(wl: _Workload, exp: dict) -> list[str]:
             if a["reused_from"]:
                 notes.append(f"{arm} was tuned and timed in an earlier comparison ({a['reused_from']}) and copied "
                              "here; the PyTorch baselines were timed in this one.")
-        short = {}  # task -> [(seed, trials)] where the arm spent less than the budget
+        short = {}  # (task, why) -> [(seed, trials)] where the arm spent less than the budget
         for a in wl.done[s]:
             for t in a["results"].tasks:
                 if t["trials"] < a["results"].trials_per_task:
-                    short.setdefault(t["name"], []).append(f"seed {a['seed']}: {t['trials']}")
-        for task, where in short.items():
+                    why = t.get("ended") or "its search ran out of new candidates"
+                    short.setdefault((t["name"], why), []).append(f"seed {a['seed']}: {t['trials']}")
+        for (task, why), where in short.items():
             notes.append(f"{wl.name}: {s} measured fewer than {exp['trials_per_task']} candidates for task {task} "
-                         f"({', '.join(where)}): its search ran out of new candidates, so it spent less than the budget.")
+                         f"({', '.join(where)}): {why}, so it spent less than the budget.")
     return notes
 
 
