@@ -316,10 +316,11 @@ def facts(target: Target) -> dict:
     """What a person (or a model) needs to know about the hardware behind `target`: the GPU here, or, for a
     GPU elsewhere, its GPUS entry (or the target's own limits for a bare --arch)."""
     if is_gpu(target):
-        if gpu_here(target):
-            return _device_facts(str(target.arch))
         a = target.attrs
-        return _known_gpu(target) or {
+        if gpu_here(target):  # the limit searched with (--shared-memory), not the 48 KB the device reports
+            return {**_device_facts(str(target.arch)), "shared_memory_per_block": int(a["max_shared_memory_per_block"])}
+        known = _known_gpu(target)
+        return {**known, "shared_memory_per_block": int(a["max_shared_memory_per_block"])} if known else {
             "kind": "cuda", "name": f"CUDA {target.arch} GPU", "arch": str(target.arch),
             "warp_size": int(a["thread_warp_size"]), "max_threads_per_block": int(a["max_threads_per_block"]),
             "shared_memory_per_block": int(a["max_shared_memory_per_block"]),

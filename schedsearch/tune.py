@@ -418,7 +418,8 @@ def _tune_locked(workload, target, search_target, run: RunDir, tuning: Tuning, e
         raise UserError(f"{workload.name}: input {', '.join(empty)} has no elements: there is nothing to tune "
                         "(check the sizes, or --input-shape)")
     # Before the export and import (minutes on a big model): an unreachable LLM endpoint fails at once.
-    factory = strategies.make(tuning.strategy, run=run, target=target, seed=tuning.seed, **(strategy_options or {}))
+    factory = strategies.make(tuning.strategy, run=run, target=search_target, seed=tuning.seed,
+                              **(strategy_options or {}))  # its prompt's facts: the shared memory searched with
     # Nothing else is printed until the first trial is measured: say what the time goes to.
     stage(t0, "exporting the workload to ONNX (torch.export), importing it into TVM, extracting its kernels")
     mod = frontend.import_onnx(frontend.export_onnx(workload, run.onnx), workload.shapes())

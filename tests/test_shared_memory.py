@@ -69,6 +69,15 @@ def test_search_limit_per_strategy():
     assert shared_memory.search_limit("stock", tvm.target.Target({"kind": "llvm"}), "rules") is None
 
 
+def test_the_prompts_facts_say_the_limit_searched_with():
+    from schedsearch import target as targets
+
+    h200 = targets.resolve("h200")  # the table's H200, no GPU needed
+    assert targets.facts(h200)["shared_memory_per_block"] == 49152
+    wide = shared_memory.with_limit(h200, 232448)
+    assert targets.facts(wide)["shared_memory_per_block"] == 232448 and targets.facts(wide)["name"] == "NVIDIA H200"
+
+
 def test_verify_gpu_code_follows_the_searched_limit():
     """VerifyGPUCode, the postprocessor that refused most conv samples, reads the limit from the search's target."""
     import_tensor_intrinsics()  # what TuneContext imports, the quick way (it took 603 s on the busy CPU box)
