@@ -125,6 +125,13 @@ def test_onnx_workload_with_input_shape(tmp_path, capsys):
     assert res["tasks"][0]["trials"] == 1 and res["tasks"][0]["space_exhausted"]
     out, err = capsys.readouterr()
     assert "space exhausted after 1 trials" in err and "1 (space exhausted)" in out
+    # a proposer that has nothing new says that instead (rules stopped so on the H200's matmul after 63 trials)
+    rc = main(["tune", str(path), "--input-shape", "x=4,8", "--trials", "3", "-o", str(tmp_path / "rules"), "--target",
+               "llvm", "--strategy", "rules", "--validation-seeds", "1", "--repeats", "2"])
+    [task] = json.loads((tmp_path / "rules/results.json").read_text())["tasks"]
+    assert rc == 0 and task["trials"] == 1 and not task["space_exhausted"]
+    assert task["ended"] == "3 rounds of proposals in a row gave no new valid candidate"
+    assert "search ended after 1 trials: 3 rounds of proposals" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -342,6 +342,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
                 break
             self._record(outcomes, proposals)
         else:
+            self.ended = f"{self.max_empty_rounds} rounds of proposals in a row gave no new valid candidate"
             return None
         t_rank = time.time()
         chosen = self._rank(outcomes, schedules, want)
@@ -517,7 +518,7 @@ def search_factory(name: str, proposer_for, target_facts: dict, seed: int, clien
         inner = [getattr(s, "proposals", s) for s in searches]
         rounds = [r for s in inner for r in s.round_times]
         out = {"proposer": inner[0].proposer.label if inner else name, "rounds": rounds}
-        if ended := {s.context.task_name: s.ended for s in inner if s.ended}:
+        if wrap is None and (ended := {s.context.task_name: s.ended for s in inner if s.ended}):  # hybrid goes on
             out["ended"] = ended
         if rounds:
             out["mean_round_s_besides_measurement"] = sum(r["total_s"] for r in rounds) / len(rounds)
