@@ -33,6 +33,31 @@ def test_cross_entropy_and_nll_are_decomposed_into_supported_ops(tmp_path, write
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_a_tensor_attribute_reassigned_in_forward_exports_as_a_buffer(tmp_path, write_problem):
+    """KernelBench's level-3 VanillaRNN keeps its hidden state in a plain tensor attribute and reassigns it."""
+    path = write_problem(
+        "class Model(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.hidden = torch.randn(4, 8)\n"
+        "        self.i2h = nn.Linear(16, 8)\n"
+        "    def forward(self, x, initial_hidden):\n"
+        "        self.hidden.copy_(initial_hidden)\n"
+        "        self.hidden = torch.tanh(self.i2h(torch.cat((x, self.hidden), dim=1)))\n"
+        "        return self.hidden * 2\n"
+        "def get_inputs():\n"
+        "    return [torch.rand(4, 8), torch.rand(4, 8)]\n"
+        "def get_init_inputs():\n"
+        "    return []\n")
+    wl = workload.load(path)
+    onnx_path = frontend.export_onnx(wl, tmp_path / "m.onnx")
+    module = CompiledModule(frontend.compile_module(frontend.import_onnx(onnx_path, wl.shapes()),
+                                                    targets.resolve("llvm"), None), "cpu")
+    inputs = wl.make_inputs()
+    for ours, ref in zip(module(*inputs), wl.reference(inputs), strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_python_scalars_among_the_inputs_are_fixed_at_their_values(tmp_path, write_problem):
     path = write_problem(
         "class Model(nn.Module):\n"
