@@ -186,13 +186,28 @@ def run_one(path: Path, kb_dir: Path, out: Path, args) -> Row:
             if pattern.search(line):
                 reached = stage
     if p.returncode == -9:
-        row.stage, row.error = STAGES[STAGES.index(reached) + 1], f"timed out after {args.timeout:g} s"
+        row.stage = STAGES[STAGES.index(reached) + 1]
+        row.error = timed_out(p.stdout, row.stage, args.timeout)
         return row
     row.error = error_line(p.stdout)
     row.stage = failed_stage(reached, row.error) if reached != "scale" else "load"
     if row.stage == "validate":
         row.error = validation_failure(run_dir) or row.error
     return row
+
+
+def timed_out(output: str, stage: str, timeout: float) -> str:
+    """The timeout, with where it struck: the task in search (after tune's "N task(s): a, b; searching", each
+    task's progress line "[i/N name] ... d/t trials" comes once it has measured), compile, or validation."""
+    listed = re.search(r"\] \d+ task\(s\): (.*); searching", output)
+    if stage != "tune" or not listed:
+        where = {"compile": " compiling the module", "validate": " validating and timing the module"}.get(stage, "")
+        return f"timed out after {timeout:g} s{where}"
+    names = listed.group(1).split(", ")
+    progress = re.findall(r"^\[(\d+)/\d+ [^\]]+\][^\n]*?(\d+)/(\d+) trials", output, re.M)
+    i = 0 if not progress else int(progress[-1][0]) - (progress[-1][1] != progress[-1][2])
+    i = min(i, len(names) - 1)
+    return f"timed out after {timeout:g} s searching task {names[i]} ({i + 1} of {len(names)})"
 
 
 def validation_failure(run_dir: Path) -> str | None:
