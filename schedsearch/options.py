@@ -75,6 +75,22 @@ class LLMOptions:
             raise UserError(f"--llm-exchange {self.exchange!r}: choose from {', '.join(EXCHANGES)}")
 
 
+@dataclass(frozen=True)
+class CostModelStart:
+    """A name `--cost-model` takes; any other value is a path (cost_models.start_from_path). A new way to start
+    the search's model is one entry in COST_MODELS and its function in cost_models."""
+    name: str
+    start: str  # the function of cost_models that starts it: (target) -> cost_models.Start
+    help: str  # for --cost-model's help
+
+
+COST_MODELS = {c.name: c for c in (
+    CostModelStart("none", "start_from_nothing", "from nothing"),
+    CostModelStart("auto", "start_auto", "cost_models/<this device>/ if there, else none"),
+)}
+COST_MODEL_PATHS = ("DIR (from train-cost-model) | FILE (a run's cost_model.tar, same device; unpickled, so trusted "
+                    "run dirs only)")
+
 EXCHANGES = ("ideas", "programs")
 # --library's default (library.load): schedules/library/<target kind>.json where there is one
 LIBRARY = "auto"
@@ -136,10 +152,9 @@ def add_runner_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_cost_model_option(p: argparse.ArgumentParser) -> None:
+    names = [f"{c.name} ({'default: ' if c.name == Tuning.cost_model else ''}{c.help})" for c in COST_MODELS.values()]
     p.add_argument("--cost-model", default=Tuning.cost_model, metavar="SPEC",
-                   help="where every strategy's XGBoost cost model starts: none (default: from nothing) | auto "
-                        "(cost_models/<this device>/ if there, else none) | DIR (from train-cost-model) | FILE "
-                        "(a run's cost_model.tar, same device; unpickled, so trusted run dirs only)")
+                   help="where every strategy's XGBoost cost model starts: " + " | ".join(names + [COST_MODEL_PATHS]))
 
 
 def add_shared_memory_option(p: argparse.ArgumentParser) -> None:
