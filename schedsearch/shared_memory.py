@@ -22,7 +22,7 @@ import tvm
 from tvm.target import Target
 
 from .errors import UserError
-from .target import cuda_visible
+from .target import cuda_visible, kind
 
 STATIC_LIMIT = 48 << 10  # bytes of `__shared__` arrays per block, on every NVIDIA GPU since Volta
 OPTIONS = "stock | max | KB"
@@ -30,7 +30,7 @@ OPTIONS = "stock | max | KB"
 
 def limit(target: Target) -> int | None:
     """The shared memory per block the search allows on `target` (None for CPU targets)."""
-    value = target.attrs.get("max_shared_memory_per_block") if target.kind.name == "cuda" else None
+    value = target.attrs.get("max_shared_memory_per_block") if kind(target).shared_memory else None
     return None if value is None else int(value)
 
 
@@ -123,7 +123,7 @@ def to_dynamic(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
 def dynamic_where_needed(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
     """`mod` with the PrimFuncs whose static shared memory exceeds 48 KB moved to dynamic shared memory.
     A function this cannot lower is left as it is: the build says what is wrong with it."""
-    if target.kind.name != "cuda":
+    if not kind(target).shared_memory:
         return mod
     changed = {}
     for gvar, func in mod.functions.items():

@@ -32,13 +32,6 @@ split off for you and meta_schedule.* annotations work ({annotations}).
 Allowed primitives:
 {catalogue}"""
 
-ANNOTATIONS = {
-    "cuda": 'root block: "meta_schedule.unroll_explicit" = max unroll steps; cache_read block: '
-            '"meta_schedule.cooperative_fetch" = vector lanes',
-    "llvm": 'root block: "meta_schedule.parallel" = max parallel extent, "meta_schedule.vectorize" = max '
-            'vector width, "meta_schedule.unroll_explicit" = max unroll steps',
-}
-
 CONTEXT = """Kernel `{name}` (TVMScript):
 ```
 {script}
@@ -120,6 +113,13 @@ def history_text(view: TaskView) -> str:
     return "\n".join(lines) if lines else "Nothing has been measured yet."
 
 
+def target_kind(view: TaskView):
+    """The target.KINDS entry of the task's target (llvm's where its facts name no kind)."""
+    from ..target import KINDS
+
+    return KINDS.get(view.target.get("kind"), KINDS["llvm"])
+
+
 def tensorize_text(view: TaskView) -> str:
     """Which of TVM's tensor intrinsics compute with this kernel's input types on this target (or that none do)."""
     from tvm.s_tir import meta_schedule as ms
@@ -128,7 +128,7 @@ def tensorize_text(view: TaskView) -> str:
 
     if not TENSOR_INTRINSICS or view.mod is None:
         return ""
-    families = {"cuda": ("cuda", "dot_product_common")}.get(view.target.get("kind"))
+    families = target_kind(view).tensor_intrinsics
     if families is None:  # llvm: the intrinsics of the host's architecture
         machine = str(view.target.get("machine", ""))
         families = ("x86",) if machine in ("x86_64", "AMD64") else ("arm_cpu",) if machine.startswith(("aarch64", "arm")) else ()
@@ -183,7 +183,7 @@ class LLMProposer:
         start = history_text(view) if view.measured else SKETCH.format(sketch=sketch) + history_text(view)
         context = CONTEXT.format(name=view.name, script=view.script, target=target, start=start)
         system = {"role": "system", "content": SYSTEM.format(
-            annotations=ANNOTATIONS.get(view.target.get("kind"), ANNOTATIONS["llvm"]), tensorize=tensorize_text(view),
+            annotations=target_kind(view).annotations, tensorize=tensorize_text(view),
             catalogue=schedule_lang.catalogue())}
         tag = f"{view.name}|r{view.round}"
         seed = self.seed * 1_000_003 + view.round * 1000
