@@ -32,7 +32,7 @@ from tvm.s_tir.schedule import Schedule
 
 from . import records, target as targets
 from .errors import UserError
-from .options import COST_MODELS
+from .options import COST_MODELS, Tuning
 from .rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent / "cost_models"
@@ -123,7 +123,7 @@ class Start:
 def start(spec: str | Path | None, target: tvm.target.Target) -> Start:
     """`--cost-model` checked against `target`, before any work; a bad one is a UserError. `spec`: a name of
     options.COST_MODELS, else a path."""
-    spec = "none" if spec is None else str(spec)
+    spec = Tuning.cost_model if spec is None else str(spec)
     named = COST_MODELS.get(spec)
     return globals()[named.start](target) if named else start_from_path(spec, target)
 
@@ -311,7 +311,7 @@ def predict(model, features: list) -> np.ndarray:
     return model._predict(xs=features)
 
 
-def train(paths: list[Path], out: Path, device: str | None = None, holdout: float = 0.2, seed: int = 0,
+def train(paths: list[Path], out: Path, device: str | None, holdout: float, seed: int,
           command: list[str] | None = None) -> dict:
     """Trains the search's XGBModel on every record of `paths` less `holdout` of each workload's records
     (seeded), scores its ranking on those, and each workload's when trained on the other workloads only;

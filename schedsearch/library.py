@@ -25,6 +25,7 @@ import tvm
 
 from . import schedule_lang
 from .errors import UserError
+from .options import LIBRARY
 from .rundir import RunDir
 from .schedule_lang import ScheduleLangError
 
@@ -233,7 +234,7 @@ def read(path: Path) -> list[Entry]:
 
 def load(spec: str | None, target_kind: str) -> Library:
     """--library: none | auto (schedules/library/<target kind>.json where there is one) | PATH."""
-    spec = "auto" if spec is None else str(spec)
+    spec = LIBRARY if spec is None else str(spec)
     if spec == "none":
         return Library(None, spec, [])
     if spec == "auto":

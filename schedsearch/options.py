@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 
 from . import strategies
 from .errors import UserError
-from .llm_client import DEFAULT_TIMEOUT_S
+from .llm_client import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class LLMOptions:
     """The --llm options, under the names the LLM proposer takes (and results.json records)."""
     llm: str | None = None  # the backend: None gives each strategy its default (strategies.Strategy.llm)
     llm_model: str | None = None
-    concurrency: int = 8  # requests in flight at once
+    concurrency: int = DEFAULT_CONCURRENCY  # requests in flight at once
     ideas: int = 4  # asked for per round
     programs_per_idea: int = 2
     temperature: float = 0.8
@@ -94,6 +94,8 @@ COST_MODEL_PATHS = ("DIR (from train-cost-model) | FILE (a run's cost_model.tar,
 EXCHANGES = ("ideas", "programs")
 # --library's default (library.load): schedules/library/<target kind>.json where there is one
 LIBRARY = "auto"
+# --hybrid-stall-trials' default (strategies.hybrid.HybridOptions.stall_trials)
+HYBRID_STALL_TRIALS = 64
 
 
 def parse_runner_spec(spec: str) -> tuple[str, int, str] | None:
@@ -212,8 +214,9 @@ def add_llm_options(p: argparse.ArgumentParser) -> None:
                         f"{LLMOptions.exchange})")
     g.add_argument("--no-wait", action="store_true",
                    help="with --llm files:DIR, stop after writing requests instead of waiting for answers")
-    g.add_argument("--hybrid-stall-trials", type=positive, default=64,
-                   help="hybrid: evolution trials without a 1%% faster kernel before the next proposal round (default 64)")
+    g.add_argument("--hybrid-stall-trials", type=positive, default=HYBRID_STALL_TRIALS,
+                   help="hybrid: evolution trials without a 1%% faster kernel before the next proposal round "
+                        f"(default {HYBRID_STALL_TRIALS})")
 
 
 def llm_options(args) -> LLMOptions:

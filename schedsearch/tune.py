@@ -194,7 +194,7 @@ StrategyFactory = Callable[[Task], "ms.search_strategy.SearchStrategy | str"]
 
 
 def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_name: str,
-           make_strategy: StrategyFactory, trials: int, seed: int = 0,
+           make_strategy: StrategyFactory, trials: int, seed: int = Tuning.seed,
            runner: ms.runner.Runner | None = None, builder: ms.builder.Builder | None = None,
            cost_model: cost_models.Start | None = None, capping_runner: bool | None = None,
            stop: Callable[[], bool] | None = None, cost_model_warmup: int = 100) -> dict[str, dict]:

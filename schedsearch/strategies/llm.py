@@ -12,6 +12,7 @@ import sys
 
 from .. import schedule_lang
 from ..llm_client import LLMError, Request, make_client
+from ..options import LLMOptions
 from .proposals import Outcome, Proposal, TaskView, search_factory
 
 SYSTEM = """You are an expert performance engineer who schedules tensor kernels with Apache TVM.
@@ -170,8 +171,8 @@ class LLMProposer:
     """`exchange`: "ideas" asks for ideas, then programs for each (two exchanges a round); "programs" asks for
     programs directly, each with its idea in a comment (one exchange a round, for slow hand-offs)."""
 
-    def __init__(self, client, ideas: int = 4, programs_per_idea: int = 2, temperature: float = 0.8,
-                 seed: int = 0, exchange: str = "ideas"):
+    def __init__(self, client, ideas: int = LLMOptions.ideas, programs_per_idea: int = LLMOptions.programs_per_idea,
+                 temperature: float = LLMOptions.temperature, seed: int = 0, exchange: str = LLMOptions.exchange):
         self.client, self.ideas, self.per_idea = client, ideas, programs_per_idea
         self.temperature, self.seed, self.exchange = temperature, seed, exchange
         self.label = f"llm:{client.model}"
