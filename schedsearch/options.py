@@ -32,6 +32,7 @@ class Tuning:
     def __post_init__(self) -> None:
         strategies.get(self.strategy)
         parse_runner_spec(self.runner)
+        parse_shared_memory(self.shared_memory)  # what it allows on the target: shared_memory.search_limit
         if self.trials < 1:
             raise UserError(f"--trials must be at least 1, got {self.trials}")
         if not self.cap_factor >= 1:
@@ -108,6 +109,23 @@ def parse_runner_spec(spec: str) -> tuple[str, int, str] | None:
     return m[1], int(m[2]), m[3]
 
 
+SHARED_MEMORY = "stock | max | KB"
+
+
+def parse_shared_memory(option: str) -> str | int:
+    """--shared-memory, as written: "stock", "max", or a positive number of KB."""
+    option = option.strip().lower()
+    if option in ("stock", "max"):
+        return option
+    try:
+        kb = int(option)
+    except ValueError:
+        raise UserError(f"bad --shared-memory {option!r}: use {SHARED_MEMORY}") from None
+    if kb < 1:
+        raise UserError(f"bad --shared-memory {kb}: expected a positive number of KB")
+    return kb
+
+
 def tuning_options(args, strategy: str, seed: int) -> Tuning:
     return Tuning(strategy=strategy, trials=args.trials, seed=seed, cost_model=args.cost_model, runner=args.runner,
                   cap_factor=args.cap_factor, min_cap_s=args.min_cap_s, shared_memory=args.shared_memory)
@@ -160,7 +178,7 @@ def add_cost_model_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_shared_memory_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shared-memory", default=Tuning.shared_memory, metavar="stock|max|KB",
+    p.add_argument("--shared-memory", default=Tuning.shared_memory, metavar=SHARED_MEMORY.replace(" ", ""),
                    help="CUDA: shared memory per block the search allows, for every strategy but ansor (which keeps "
                         "TVM's): stock (default: what the device reports, 48 KB) | max (the GPU's opt-in limit, 227 KB "
                         "on an H100/H200; kernels over 48 KB use dynamic shared memory) | KB")

@@ -62,6 +62,7 @@ def test_strategy_options_are_what_results_json_recorded(monkeypatch):
     ({"trials": 0}, "--trials must be at least 1, got 0"),
     ({"cap_factor": 0.5}, "--cap-factor must be at least 1"),
     ({"min_cap_s": -1.0}, "--min-cap-s must be at least 0, got -1.0"),
+    ({"shared_memory": "lots"}, "bad --shared-memory 'lots': use stock | max | KB"),
 ])
 def test_bad_tuning_options_are_refused_when_built(options, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
