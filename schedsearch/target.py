@@ -29,7 +29,7 @@ def cuda_arch() -> str:
 
 # What tvm.cuda(0) reported on these GPUs (the device facts in schedules/nvidia-h100/*/results.json and
 # schedules/nvidia-h200/*/results.json). A tune for one of them from a machine without it (`--target h200`)
-# takes its facts from here: the prompt, the target's limits, and the roofline (report.PEAKS, by name).
+# takes its facts from here: the prompt, the target's limits, and the roofline (peaks.PEAKS, by name).
 GPUS = {
     "h100": {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3", "arch": "sm_90a", "sms": 132, "warp_size": 32,
              "max_threads_per_block": 1024, "shared_memory_per_block": 49152, "registers_per_block": 65536,
