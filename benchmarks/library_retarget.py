@@ -31,7 +31,7 @@ def checker(task, target) -> ProposalSearch:
     ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply", task_name=task.name)
     search = ProposalSearch(None, {})
     search._initialize_with_tune_context(ctx)
-    search.rng, search.seen, search.rejected = random.Random(0), set(), []
+    search.rng, search.seen, search.rejected, search.round = random.Random(0), set(), [], 0  # as pre_tuning sets them
     return search
 
 
