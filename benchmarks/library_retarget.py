@@ -27,11 +27,11 @@ H200 = {"kind": "cuda", "arch": "sm_90a", "max_threads_per_block": 1024, "max_nu
 
 
 def checker(task, target) -> ProposalSearch:
-    """The proposal loop's own check (ProposalSearch._check) for `task`, outside a search."""
+    """The proposal loop's own check (ProposalSearch.check) for `task`, outside a search."""
     ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply", task_name=task.name)
     search = ProposalSearch(None, {})
     search._initialize_with_tune_context(ctx)
-    search.rng, search.seen, search.rejected = random.Random(0), set(), []
+    search.rng, search.seen, search.rejected, search.round = random.Random(0), set(), [], 0  # as pre_tuning sets them
     return search
 
 
@@ -69,7 +69,7 @@ def main() -> None:
                         break
                     if text is None:
                         break
-                    outcomes, schedules = search._check([Proposal(text, "library")])
+                    outcomes, schedules = search.check([Proposal(text, "library")])
                     row["variants"] += 1
                     valid += bool(schedules)
                     if not schedules:

@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import strategies as known_strategies
+from .baselines import same_baselines, time_baselines
 from .errors import INTERRUPTED, DamagedFile, UserError
 from .options import (Evaluation, Tuning, add_cost_model_option, add_evaluation_options, add_library_option,
                       add_llm_options, add_runner_option, add_shared_memory_option, evaluation_options, llm_options,
@@ -27,7 +28,6 @@ from .options import (Evaluation, Tuning, add_cost_model_option, add_evaluation_
 from .rundir import Results, RunDir, write_json
 
 SCHEMA = 1
-COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune"}
 
 
 def add_commands(sub) -> dict:
@@ -160,7 +160,7 @@ def compare(workload_paths: list[str], out: Path, strategies: list[str], seeds: 
 
     jobs = []  # baselines first: on several GPUs they then run while the first arms tune
     for wl in loaded:
-        if not _same_baselines(out / wl.name / "baselines.json", wl, target, compile_baselines):
+        if not same_baselines(out / wl.name / "baselines.json", wl, target, compile_baselines):
             jobs.append({"kind": "baselines", "workload": wl.name})
     for wl in loaded:
         for strategy in strategies:
@@ -399,55 +399,6 @@ def _reuse(source: RunDir, run: RunDir, workload, target, trials: int) -> None:
     if not (run.root / "reused.json").exists():  # keep the first origin when an arm is reused twice
         write_json(run.root / "reused.json", {"from": str(source.root.resolve())})
     print(f"{run.root}: copied from {source.root}", file=sys.stderr)
-
-
-def _same_baselines(path: Path, workload, target, compile_baselines: bool) -> bool:
-    if not path.is_file():
-        return False
-    old = json.loads(path.read_text())
-    wanted = {"eager", *(COMPILE_MODES if compile_baselines else ())}
-    return (old["workload"] == {"sha256": workload.sha256, "size": workload.size} and old["target"] == str(target)
-            and wanted <= set(old["baselines"]))
-
-
-def time_baselines(workload, target, repeats: int, compile_baselines: bool = True) -> dict:
-    """PyTorch eager and torch.compile (default, max-autotune) on validation's seed-0 inputs, with the
-    timing method TVM's module gets in evaluate(); also the bytes the workload must move at least once."""
-    import torch
-
-    from . import target as targets, timing, validate
-    from .evaluate import torch_settings
-
-    torch_settings()
-    device = targets.torch_device(target)
-    inputs = validate.make_inputs(workload, 0, "normal", device)
-    refs = workload.reference(inputs)
-    model = workload.model.to(device) if workload.model is not None else None
-    weights = 0 if model is None else sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
-    out = {"workload": {"sha256": workload.sha256, "size": workload.size}, "target": str(target),
-           "device": targets.facts(target), "method": timing.METHOD,
-           "tf32": {"cuda_matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
-           "bytes": {"inputs": nbytes(inputs), "outputs": nbytes(refs), "weights": weights},
-           "baselines": {}}
-    if model is None:
-        out["baselines"]["eager"] = {"failed": "an ONNX workload has no PyTorch program"}
-        return out
-    with torch.no_grad():
-        out["baselines"]["eager"] = timing.time_call(lambda: model(*inputs), device, repeats=repeats)
-    for name, mode in (COMPILE_MODES.items() if compile_baselines else ()):
-        torch._dynamo.reset()  # a module compiled in another mode would be reused from the cache
-        try:
-            compiled = torch.compile(model, mode=mode)
-            with torch.no_grad():
-                got = compiled(*inputs)
-                check = validate.compare(list(got) if isinstance(got, (tuple, list)) else [got], refs)
-                stats = timing.time_call(lambda: compiled(*inputs), device, repeats=repeats)
-            out["baselines"][name] = {**stats, "matches_eager": check.passed, "max_abs_vs_eager": check.max_abs}
-        except Exception as e:  # no C++ compiler, no Triton, an unsupported op: report, don't stop
-            lines = [l for l in str(e).strip().splitlines() if l.strip()]
-            out["baselines"][name] = {"failed": f"{type(e).__name__}: {lines[0][:300] if lines else ''}"}
-    return out
 
 
 def load(out: Path) -> dict:

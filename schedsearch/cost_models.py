@@ -5,8 +5,9 @@ own booster file plus a JSON manifest, loaded without unpickling anything, and w
     cost_models/<device>/MANIFEST.json   device, TVM/XGBoost/feature versions, training records, held-out scores
 
 <device> is target.device_slug of the device the records were measured on. `--cost-model` (start()):
-none | auto (cost_models/<this device>/ if there, else none) | DIR (such a model) | FILE (a run's
-cost_model.tar: XGBModel.save pickles its data, so trusted run directories only).
+a name of options.COST_MODELS (none, auto: cost_models/<this device>/ if there, else none), each started by its
+function here, else DIR (such a model) | FILE (a run's cost_model.tar: XGBModel.save pickles its data, so trusted
+run directories only).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from tvm.s_tir.schedule import Schedule
 
 from . import records, target as targets
 from .errors import UserError
+from .options import COST_MODELS, Tuning
 from .rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent / "cost_models"
@@ -119,20 +121,33 @@ class Start:
 
 
 def start(spec: str | Path | None, target: tvm.target.Target) -> Start:
-    """`--cost-model` checked against `target`, before any work; a bad one is a UserError."""
-    spec = "none" if spec is None else str(spec)
-    if spec == "none":
-        return Start(spec, "none")
-    if spec == "auto":
-        directory = ROOT / targets.device_slug(targets.device_name(target))
-        if not (directory / MANIFEST_FILE).is_file():
-            return Start(spec, "none", note=f"no pretrained model for this device ({directory} has no {MANIFEST_FILE})")
-        try:
-            manifest = check(directory, target)
-        except UserError as e:  # auto: use it where it applies, else say why not and start from nothing
-            print(f"schedsearch: --cost-model auto: {e}; starting from nothing", file=sys.stderr)
-            return Start(spec, "none", note=str(e))
-        return Start(spec, "pretrained", str(directory), manifest=manifest)
+    """`--cost-model` checked against `target`, before any work; a bad one is a UserError. `spec`: a name of
+    options.COST_MODELS, else a path."""
+    spec = Tuning.cost_model if spec is None else str(spec)
+    named = COST_MODELS.get(spec)
+    return globals()[named.start](target) if named else start_from_path(spec, target)
+
+
+def start_from_nothing(target: tvm.target.Target) -> Start:
+    return Start("none", "none")
+
+
+def start_auto(target: tvm.target.Target) -> Start:
+    """cost_models/<this device>/ where there is a model usable here; else from nothing, saying why."""
+    spec = "auto"
+    directory = ROOT / targets.device_slug(targets.device_name(target))
+    if not (directory / MANIFEST_FILE).is_file():
+        return Start(spec, "none", note=f"no pretrained model for this device ({directory} has no {MANIFEST_FILE})")
+    try:
+        manifest = check(directory, target)
+    except UserError as e:  # auto: use it where it applies, else say why not and start from nothing
+        print(f"schedsearch: --cost-model auto: {e}; starting from nothing", file=sys.stderr)
+        return Start(spec, "none", note=str(e))
+    return Start(spec, "pretrained", str(directory), manifest=manifest)
+
+
+def start_from_path(spec: str, target: tvm.target.Target) -> Start:
+    """A directory from train-cost-model, or a run's cost_model.tar."""
     path = Path(spec)
     if path.is_dir():
         if not (path / MANIFEST_FILE).is_file():
@@ -140,7 +155,8 @@ def start(spec: str | Path | None, target: tvm.target.Target) -> Start:
                             "make one with schedsearch train-cost-model)")
         return Start(spec, "pretrained", str(path), manifest=check(path, target))
     if not path.exists():
-        raise UserError(f"cost model file not found: {path}")
+        raise UserError(f"cost model file not found: {path} (--cost-model takes {', '.join(COST_MODELS)}, a DIR "
+                        "or a FILE)")
     if not tarfile.is_tarfile(path):
         raise UserError(f"--cost-model {path}: not a tar archive (a run's cost_model.tar) "
                         f"nor a directory with {MANIFEST_FILE}")
@@ -295,7 +311,7 @@ def predict(model, features: list) -> np.ndarray:
     return model._predict(xs=features)
 
 
-def train(paths: list[Path], out: Path, device: str | None = None, holdout: float = 0.2, seed: int = 0,
+def train(paths: list[Path], out: Path, device: str | None, holdout: float, seed: int,
           command: list[str] | None = None) -> dict:
     """Trains the search's XGBModel on every record of `paths` less `holdout` of each workload's records
     (seeded), scores its ranking on those, and each workload's when trained on the other workloads only;

@@ -96,7 +96,7 @@ def build(workload_path: str | Path, schedules: str | Path | None, dist_dir: str
         mod = frontend.import_onnx(frontend.export_onnx(wl, Path(tmp) / "model.onnx"), wl.shapes())
     fallback = "dlight default schedule" if targets.is_gpu(target) else "untuned (TVM default lowering)"
     device = (targets.facts(target) if not targets.is_gpu(target) or targets.cuda_visible()
-              else {"kind": "cuda", "arch": str(target.arch), "name": "none at build time (cross-compiled)"})
+              else {"kind": target.kind.name, "arch": str(target.arch), "name": "none at build time (cross-compiled)"})
     run_config = Path(schedules) / "run.json" if schedules is not None else None
     with _staged(Path(dist_dir)) as dist:
         # Build from the copy: what the dist holds is exactly what the module was built from.
@@ -192,10 +192,11 @@ def _check_records_target(database, tasks, target, schedules) -> None:
     for task in tasks:
         record = database.query_tuning_record(task.mod, target, task.name)
         if record is not None and record.target is not None and record.target.kind.name != target.kind.name:
-            tuned = record.target.kind.name + (f" {record.target.arch}" if record.target.kind.name == "cuda" else "")
+            gpu = targets.is_gpu(record.target)
+            tuned = record.target.kind.name + (f" {record.target.arch}" if gpu else "")
             hint = (" and no CUDA GPU is visible here: build on a machine with that GPU, or from Python with "
                     "export.build(..., target=tvm.target.Target(...)) to cross-compile"
-                    if tuned.startswith("cuda") and not targets.cuda_visible() else "")
+                    if gpu and not targets.cuda_visible() else "")
             raise UserError(f"{schedules}: task {task.name} was tuned for {tuned}, this build is for "
                             f"{target.kind.name}{hint}")
 
@@ -224,7 +225,9 @@ def _ret_specs(mod) -> list[dict]:
 
 
 def _arch(device: dict) -> str:
-    return device["arch"] if device["kind"] == "cuda" else device["machine"]
+    from . import target as targets
+
+    return device["arch"] if targets.kind(device["kind"]).gpu else device["machine"]
 
 
 def _dtype_name(dtype) -> str:
@@ -295,7 +298,7 @@ def _check_device(root: Path, manifest: dict) -> None:
     arch = manifest["arch"]
     from . import target as targets
 
-    if manifest["target_kind"] != "cuda":
+    if not targets.kind(manifest["target_kind"]).gpu:
         if arch != platform.machine():
             raise UserError(f"{root} was compiled for {arch} CPUs, this machine is {platform.machine()}")
         missing = targets.missing_cpu_features(_manifest_target(manifest))
@@ -335,10 +338,13 @@ class ExportedModule:
     def __init__(self, root: Path, manifest: dict):
         import tvm
 
+        from . import target as targets
         from .runtime import CompiledModule
 
         self.root, self.manifest = root, manifest
-        self.device = "cuda:0" if manifest["target_kind"] == "cuda" else "cpu"
+        kind = targets.kind(manifest["target_kind"])
+        # as PyTorch names a tensor's device: with its index on a GPU ("cuda:0"), none on the CPU ("cpu")
+        self.device = f"{kind.device}:0" if kind.gpu else kind.device
         try:
             lib = tvm.runtime.load_module(str(root / MODULE))
         except Exception as e:

@@ -25,6 +25,7 @@ import tvm
 
 from . import schedule_lang
 from .errors import UserError
+from .options import LIBRARY
 from .rundir import RunDir
 from .schedule_lang import ScheduleLangError
 
@@ -135,7 +136,7 @@ def _free_one_factor(program: schedule_lang.Program, line: int) -> schedule_lang
     if not isinstance(factors, schedule_lang.Seq) or any(f is None for f in factors.items):
         return None
     # Thread extents and vector widths are the program's choices: free a factor that makes neither.
-    keep = schedule_lang._thread_bound_names(program) | schedule_lang._vectorized_names(program)
+    keep = schedule_lang.thread_bound_names(program) | schedule_lang.vectorized_names(program)
     ints = [j for j, f in enumerate(factors.items) if type(f) is int]
     if not ints or len(st.targets) != len(factors.items):
         return None
@@ -180,7 +181,7 @@ def retarget(text: str, mod: tvm.IRModule, seed: int, redraw_tiles: bool = False
         # A tile that makes a threadIdx loop stays TVM's replay: a program's fetch splits are written for its
         # thread extents (schedule_lang._lift). The H200 databases predate that rule in lifting: drawn again,
         # the gemm_bias_gelu re-targetings of all 8 matmul programs' misfit row tiles (24) failed VerifyGPUCode.
-        threaded = schedule_lang._thread_bound_names(program)
+        threaded = schedule_lang.thread_bound_names(program)
         tiles = [st for st in program.statements if st.primitive == "sample_perfect_tile"]
         misfit = {k for k, (st, recorded, applied) in enumerate(zip(tiles, _tile_decisions(program),
                                                                      _trace_tile_decisions(sch.trace)))
@@ -233,7 +234,7 @@ def read(path: Path) -> list[Entry]:
 
 def load(spec: str | None, target_kind: str) -> Library:
     """--library: none | auto (schedules/library/<target kind>.json where there is one) | PATH."""
-    spec = "auto" if spec is None else str(spec)
+    spec = LIBRARY if spec is None else str(spec)
     if spec == "none":
         return Library(None, spec, [])
     if spec == "auto":

@@ -18,6 +18,8 @@ from pathlib import Path
 from .llm_client import LLMClient, LLMError, Request, make_client
 from .options import add_llm_endpoint_options
 
+POLL_S = 1.0  # seconds between looks at the requests' directory
+
 REQUEST_SUFFIX, RESPONSE_SUFFIX = ".request.json", ".response.json"
 
 
@@ -28,7 +30,7 @@ def add_commands(sub) -> dict:
     add_llm_endpoint_options(b)
     b.add_argument("--transcript", type=Path,
                    help="JSONL of every request and response (default DIR/bridge.transcript.jsonl)")
-    b.add_argument("--poll", type=float, default=1.0, help="seconds between looks at DIR (default 1)")
+    b.add_argument("--poll", type=float, default=POLL_S, help=f"seconds between looks at DIR (default {POLL_S:g})")
     b.add_argument("--once", action="store_true", help="answer the requests there now, then exit")
     return {"llm-bridge": cmd_bridge}
 
@@ -75,7 +77,7 @@ class Bridge:
         for _ in range(client.concurrency):
             threading.Thread(target=self._work, daemon=True, name="llm-bridge").start()
 
-    def serve(self, once: bool = False, poll_s: float = 1.0) -> None:
+    def serve(self, once: bool = False, poll_s: float = POLL_S) -> None:
         while True:
             self._queue_new()
             if once:

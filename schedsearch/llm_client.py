@@ -32,6 +32,7 @@ FATAL_STATUSES = {401, 403, 404}  # wrong key / model / URL: every request would
 MAX_SLEEP_S = 60.0
 # Per request. Reasoning models took 122-126 s for one program (CPU box, 2026-12-01): 120 s cut them off.
 DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_CONCURRENCY = 8  # requests in flight at once (--llm-concurrency)
 PROBE_TIMEOUT_S = 10.0  # GET /models at start: an address that drops packets must not hang a run for minutes
 
 
@@ -101,7 +102,7 @@ class LLMClient:
 
     backend = ""
 
-    def __init__(self, model: str | None, transcript: Path | None, concurrency: int = 8,
+    def __init__(self, model: str | None, transcript: Path | None, concurrency: int = DEFAULT_CONCURRENCY,
                  price_in: float = 0.0, price_out: float = 0.0):
         self.model = model
         self.transcript = Path(transcript) if transcript else None
@@ -453,7 +454,7 @@ class FilesClient(LLMClient):
 
 
 def make_client(spec: str = "openai", model: str | None = None, transcript: Path | None = None,
-                concurrency: int = 8, timeout_s: float = DEFAULT_TIMEOUT_S, max_retries: int = 4,
+                concurrency: int = DEFAULT_CONCURRENCY, timeout_s: float = DEFAULT_TIMEOUT_S, max_retries: int = 4,
                 price_in: float = 0, price_out: float = 0, wait: bool = True, *,
                 base_url: str | None = None, backoff_s: float = 0.5, wait_timeout_s: float | None = None,
                 poll_s: float = 1.0) -> LLMClient:

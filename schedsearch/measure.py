@@ -26,7 +26,7 @@ from tvm.ir.utils import derived_object
 from tvm.support.popen_pool import PopenPoolExecutor
 from tvm.target import Target
 
-from . import result_codes
+from . import result_codes, target as targets
 from .options import Tuning
 
 
@@ -322,11 +322,10 @@ def alloc_args_cached(device, args_info, alloc_repeat):
 
 
 def evaluator_config(target: Target) -> ms.runner.EvaluatorConfig:
-    if target.kind.name == "cuda":
-        # 2 x 2 timed runs of at least 10 ms each rank candidates well; the final numbers come from
-        # timing.py (CUDA events, L2 flush), not from here.
-        return ms.runner.EvaluatorConfig(number=2, repeat=REPEAT, min_repeat_ms=10)
-    return ms.runner.EvaluatorConfig(number=2, repeat=REPEAT, min_repeat_ms=0, enable_cpu_cache_flush=False)
+    # On CUDA 2 x 2 timed runs of at least 10 ms each (target.KINDS' min_repeat_ms) rank candidates well; the
+    # final numbers come from timing.py (CUDA events, L2 flush), not from here.
+    return ms.runner.EvaluatorConfig(number=2, repeat=REPEAT, min_repeat_ms=targets.kind(target).min_repeat_ms,
+                                     enable_cpu_cache_flush=False)
 
 
 def share_best_file(path) -> None:
@@ -362,11 +361,11 @@ class WarmRunner(ms.runner.PyRunner):
     def __init__(self, target: Target, timeout_sec: float | None = None, overlap: bool | None = None,
                  defer: bool = True):
         super().__init__()
-        self.timeout_sec = timeout_sec or (10 if target.kind.name == "cuda" else 30)
+        self.timeout_sec = timeout_sec or targets.kind(target).run_timeout_s
         self.config = evaluator_config(target)
         self.device_type = device_type(target)
         cores = sorted(os.sched_getaffinity(0))
-        self.overlap = (target.kind.name == "cuda" if overlap is None else overlap) and len(cores) > 1
+        self.overlap = (targets.is_gpu(target) if overlap is None else overlap) and len(cores) > 1
         run_cores, self.build_cores = (cores[:1], cores[1:]) if self.overlap else (cores, cores)
         self.pool = worker_pool(1, self.timeout_sec, run_cores, stderr=subprocess.DEVNULL)
         self.defer_runs = defer and self.overlap

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 
 from . import strategies
 from .errors import UserError
-from .llm_client import DEFAULT_TIMEOUT_S
+from .llm_client import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class Tuning:
     def __post_init__(self) -> None:
         strategies.get(self.strategy)
         parse_runner_spec(self.runner)
+        parse_shared_memory(self.shared_memory)  # what it allows on the target: shared_memory.search_limit
         if self.trials < 1:
             raise UserError(f"--trials must be at least 1, got {self.trials}")
         if not self.cap_factor >= 1:
@@ -60,7 +61,7 @@ class LLMOptions:
     """The --llm options, under the names the LLM proposer takes (and results.json records)."""
     llm: str | None = None  # the backend: None gives each strategy its default (strategies.Strategy.llm)
     llm_model: str | None = None
-    concurrency: int = 8  # requests in flight at once
+    concurrency: int = DEFAULT_CONCURRENCY  # requests in flight at once
     ideas: int = 4  # asked for per round
     programs_per_idea: int = 2
     temperature: float = 0.8
@@ -75,9 +76,27 @@ class LLMOptions:
             raise UserError(f"--llm-exchange {self.exchange!r}: choose from {', '.join(EXCHANGES)}")
 
 
+@dataclass(frozen=True)
+class CostModelStart:
+    """A name `--cost-model` takes; any other value is a path (cost_models.start_from_path). A new way to start
+    the search's model is one entry in COST_MODELS and its function in cost_models."""
+    name: str
+    start: str  # the function of cost_models that starts it: (target) -> cost_models.Start
+    help: str  # for --cost-model's help
+
+
+COST_MODELS = {c.name: c for c in (
+    CostModelStart("none", "start_from_nothing", "from nothing"),
+    CostModelStart("auto", "start_auto", "cost_models/<this device>/ if there, else none"),
+)}
+COST_MODEL_PATHS = ("DIR (from train-cost-model) | FILE (a run's cost_model.tar, same device; unpickled, so trusted "
+                    "run dirs only)")
+
 EXCHANGES = ("ideas", "programs")
 # --library's default (library.load): schedules/library/<target kind>.json where there is one
 LIBRARY = "auto"
+# --hybrid-stall-trials' default (strategies.hybrid.HybridOptions.stall_trials)
+HYBRID_STALL_TRIALS = 64
 
 
 def parse_runner_spec(spec: str) -> tuple[str, int, str] | None:
@@ -88,6 +107,23 @@ def parse_runner_spec(spec: str) -> tuple[str, int, str] | None:
     if not m or not 0 < int(m[2]) < 65536:
         raise UserError(f"--runner {spec!r}: expected local or rpc://HOST:PORT/KEY, e.g. rpc://10.0.0.5:9190/h100")
     return m[1], int(m[2]), m[3]
+
+
+SHARED_MEMORY = "stock | max | KB"
+
+
+def parse_shared_memory(option: str) -> str | int:
+    """--shared-memory, as written: "stock", "max", or a positive number of KB."""
+    option = option.strip().lower()
+    if option in ("stock", "max"):
+        return option
+    try:
+        kb = int(option)
+    except ValueError:
+        raise UserError(f"bad --shared-memory {option!r}: use {SHARED_MEMORY}") from None
+    if kb < 1:
+        raise UserError(f"bad --shared-memory {kb}: expected a positive number of KB")
+    return kb
 
 
 def tuning_options(args, strategy: str, seed: int) -> Tuning:
@@ -136,14 +172,13 @@ def add_runner_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_cost_model_option(p: argparse.ArgumentParser) -> None:
+    names = [f"{c.name} ({'default: ' if c.name == Tuning.cost_model else ''}{c.help})" for c in COST_MODELS.values()]
     p.add_argument("--cost-model", default=Tuning.cost_model, metavar="SPEC",
-                   help="where every strategy's XGBoost cost model starts: none (default: from nothing) | auto "
-                        "(cost_models/<this device>/ if there, else none) | DIR (from train-cost-model) | FILE "
-                        "(a run's cost_model.tar, same device; unpickled, so trusted run dirs only)")
+                   help="where every strategy's XGBoost cost model starts: " + " | ".join(names + [COST_MODEL_PATHS]))
 
 
 def add_shared_memory_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shared-memory", default=Tuning.shared_memory, metavar="stock|max|KB",
+    p.add_argument("--shared-memory", default=Tuning.shared_memory, metavar=SHARED_MEMORY.replace(" ", ""),
                    help="CUDA: shared memory per block the search allows, for every strategy but ansor (which keeps "
                         "TVM's): stock (default: what the device reports, 48 KB) | max (the GPU's opt-in limit, 227 KB "
                         "on an H100/H200; kernels over 48 KB use dynamic shared memory) | KB")
@@ -197,8 +232,9 @@ def add_llm_options(p: argparse.ArgumentParser) -> None:
                         f"{LLMOptions.exchange})")
     g.add_argument("--no-wait", action="store_true",
                    help="with --llm files:DIR, stop after writing requests instead of waiting for answers")
-    g.add_argument("--hybrid-stall-trials", type=positive, default=64,
-                   help="hybrid: evolution trials without a 1%% faster kernel before the next proposal round (default 64)")
+    g.add_argument("--hybrid-stall-trials", type=positive, default=HYBRID_STALL_TRIALS,
+                   help="hybrid: evolution trials without a 1%% faster kernel before the next proposal round "
+                        f"(default {HYBRID_STALL_TRIALS})")
 
 
 def llm_options(args) -> LLMOptions:

@@ -122,9 +122,10 @@ def make_rpc_runner(host: str, port: int, key: str, target, evaluator_config,
     worker that answers nothing for twice that (plus slack for queueing) is given up on."""
     from tvm.s_tir import meta_schedule as ms
 
+    from . import target as targets
     from .measure import worker_pool
 
-    timeout = session_timeout_sec or (10 if target.kind.name == "cuda" else 30)  # as measure.WarmRunner
+    timeout = session_timeout_sec or targets.kind(target).run_timeout_s  # as measure.WarmRunner
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
                                  session_timeout_sec=timeout)
     workers = max_workers or wait_for_workers(config, limit_s=wait_s)
@@ -148,15 +149,17 @@ class WorkerModule:
         from tvm import relax
         from tvm.s_tir import meta_schedule as ms
 
+        from . import target as targets
+
         # The worker ends a session after its timeout: an hour is past any validation (and the tracker's connect).
         config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=3600)
         wait_for_workers(config, limit_s=None)
         self.session = config.connect_server()
         self.session.upload(str(path))
         lib = self.session.load_module(os.path.basename(path))
-        self.dev = self.session.cuda(0) if target.kind.name == "cuda" else self.session.cpu(0)
+        self.dev = self.session.device(targets.kind(target).device, 0)
         # The worker's CPU for the shape functions (VirtualMachine would add this machine's).
-        self.vm = relax.VirtualMachine(lib, [self.dev, self.session.cpu(0)] if target.kind.name == "cuda" else [self.dev])
+        self.vm = relax.VirtualMachine(lib, [self.dev, self.session.cpu(0)] if targets.is_gpu(target) else [self.dev])
 
     def _args(self, inputs) -> list:
         import tvm

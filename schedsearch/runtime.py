@@ -10,8 +10,7 @@ from tvm import relax
 class CompiledModule:
     def __init__(self, executable, device: str):
         self.device = device
-        dev = tvm.cuda(0) if device.startswith("cuda") else tvm.cpu(0)
-        self.vm = relax.VirtualMachine(executable, dev)
+        self.vm = relax.VirtualMachine(executable, tvm.runtime.device(device))  # "cpu", "cuda", "cuda:0"
         self._main = self.vm["main"]
 
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:

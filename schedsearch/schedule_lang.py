@@ -539,12 +539,13 @@ UNROLL_STEPS = (0, 16, 64, 512, 1024)
 _UNROLL_KEYS = ("meta_schedule.unroll_explicit", "meta_schedule.unroll_implicit")
 
 
-def _vectorized_names(program: Program) -> set[str]:
+def vectorized_names(program: Program) -> set[str]:
+    """The names of the loops the program vectorizes."""
     return {name for st in program.statements if st.primitive == "vectorize"
             for name in _refs(st.args + tuple(v for _, v in st.kwargs))}
 
 
-def _thread_bound_names(program: Program) -> set[str]:
+def thread_bound_names(program: Program) -> set[str]:
     """Loops bound to threadIdx, directly or through the loops fused into them, and the sampled tile sizes
     that make them."""
     bound = {name for st in program.statements if st.primitive == "bind"
@@ -625,7 +626,7 @@ def apply(program: Program, sch: Schedule, lift: bool = False) -> None:
     locations: set[str] = set()
     if lift:
         program = root_annotations_last(program)
-    vectorized, threaded = (_vectorized_names(program), _thread_bound_names(program)) if lift else (set(), set())
+    vectorized, threaded = (vectorized_names(program), thread_bound_names(program)) if lift else (set(), set())
     for st in program.statements:
         if st.primitive not in PRIMITIVES:  # Programs are made by parse; refuse hand-made ones too
             raise ScheduleLangError(st.line, f"unknown primitive sch.{st.primitive}")

@@ -22,15 +22,15 @@ import tvm
 from tvm.target import Target
 
 from .errors import UserError
-from .target import cuda_visible
+from .options import Tuning, parse_shared_memory
+from .target import cuda_visible, kind
 
 STATIC_LIMIT = 48 << 10  # bytes of `__shared__` arrays per block, on every NVIDIA GPU since Volta
-OPTIONS = "stock | max | KB"
 
 
 def limit(target: Target) -> int | None:
     """The shared memory per block the search allows on `target` (None for CPU targets)."""
-    value = target.attrs.get("max_shared_memory_per_block") if target.kind.name == "cuda" else None
+    value = target.attrs.get("max_shared_memory_per_block") if kind(target).shared_memory else None
     return None if value is None else int(value)
 
 
@@ -44,26 +44,22 @@ def with_limit(target: Target, nbytes: int) -> Target:
 def search_limit(option: str, target: Target, strategy: str) -> int | None:
     """Bytes of shared memory per block `strategy` searches with, from --shared-memory `option`:
     stock: what the device reports (48 KB; the ansor arm always, as TVM ships it); max: the device's opt-in
-    limit (227 KB on an H100/H200); KB: that many KB. None for CPU targets."""
-    option = (option or "stock").strip().lower()
+    limit (227 KB on an H100/H200); KB: that many KB. None for CPU targets. A value the target cannot take
+    is refused whatever the strategy, as compare refuses it for every arm."""
+    option = (option or Tuning.shared_memory).strip().lower()
+    kb = parse_shared_memory(option)
     stock = limit(target)
-    if option == "stock" or (strategy == "ansor" and stock is not None):
+    if kb == "stock":
         return stock
     if stock is None:
         raise UserError(f"--shared-memory {option}: only CUDA targets have shared memory (the target is "
                         f"{target.kind.name}); leave it at stock")
-    if option == "max":
-        return device_optin_limit()
-    try:
-        kb = int(option)
-    except ValueError:
-        raise UserError(f"bad --shared-memory {option!r}: use {OPTIONS}") from None
-    if kb < 1:
-        raise UserError(f"bad --shared-memory {kb}: expected a positive number of KB")
-    most = device_optin_limit() if cuda_visible() else None
-    if most is not None and kb << 10 > most:
+    most = device_optin_limit() if kb == "max" or cuda_visible() else None
+    if kb != "max" and most is not None and kb << 10 > most:
         raise UserError(f"--shared-memory {kb}: this GPU allows at most {most >> 10} KB per block")
-    return kb << 10
+    if strategy == "ansor":
+        return stock
+    return most if kb == "max" else kb << 10
 
 
 def device_optin_limit() -> int:
@@ -123,7 +119,7 @@ def to_dynamic(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
 def dynamic_where_needed(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
     """`mod` with the PrimFuncs whose static shared memory exceeds 48 KB moved to dynamic shared memory.
     A function this cannot lower is left as it is: the build says what is wrong with it."""
-    if target.kind.name != "cuda":
+    if not kind(target).shared_memory:
         return mod
     changed = {}
     for gvar, func in mod.functions.items():

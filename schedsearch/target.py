@@ -1,9 +1,11 @@
-"""Pick the TVM target and describe the device (for prompts, rooflines and reports)."""
+"""Pick the TVM target, describe the device (for prompts, rooflines and reports), and what differs by target kind
+(KINDS: device, runner timeouts, shared memory, prompt notes), which the rest of the package asks instead of the kind's name."""
 from __future__ import annotations
 
 import os
 import platform
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
@@ -27,7 +29,7 @@ def cuda_arch() -> str:
 
 # What tvm.cuda(0) reported on these GPUs (the device facts in schedules/nvidia-h100/*/results.json and
 # schedules/nvidia-h200/*/results.json). A tune for one of them from a machine without it (`--target h200`)
-# takes its facts from here: the prompt, the target's limits, and the roofline (report.PEAKS, by name).
+# takes its facts from here: the prompt, the target's limits, and the roofline (peaks.PEAKS, by name).
 GPUS = {
     "h100": {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3", "arch": "sm_90a", "sms": 132, "warp_size": 32,
              "max_threads_per_block": 1024, "shared_memory_per_block": 49152, "registers_per_block": 65536,
@@ -286,16 +288,50 @@ def missing_cpu_features(target: Target) -> list[str]:
     return sorted(f for f in _ISA_FLAGS if f in cpu_features(target) and f not in have)
 
 
+@dataclass(frozen=True)
+class Kind:
+    """What differs between the target kinds schedsearch tunes for, as the code outside this module asks it:
+    a new kind is one entry in KINDS (and its case in resolve and facts)."""
+    name: str  # TVM's target kind
+    gpu: bool  # kernels bind blockIdx/threadIdx; measure.WarmRunner runs candidates while others build
+    device: str  # its device 0, by the name TVM, TVM's RPC and PyTorch give it
+    run_timeout_s: int  # one candidate's run: measure.WarmRunner, and an RPC session (rpc.make_rpc_runner)
+    min_repeat_ms: int  # each of a trial's timed repeats lasts at least this long (measure.evaluator_config)
+    shared_memory: bool  # --shared-memory and shared_memory.py (48 KB static, dynamic shared memory past it) apply
+    annotations: str  # the meta_schedule.* annotations TVM's post-processors act on here (the LLM's prompt)
+    tensor_intrinsics: tuple[str, ...] | None  # families of TVM's tensor intrinsics; None: the host CPU's
+
+
+KINDS = {k.name: k for k in (
+    Kind("cuda", gpu=True, device="cuda", run_timeout_s=10, min_repeat_ms=10, shared_memory=True,
+         annotations='root block: "meta_schedule.unroll_explicit" = max unroll steps; cache_read block: '
+                     '"meta_schedule.cooperative_fetch" = vector lanes',
+         tensor_intrinsics=("cuda", "dot_product_common")),
+    Kind("llvm", gpu=False, device="cpu", run_timeout_s=30, min_repeat_ms=0, shared_memory=False,
+         annotations='root block: "meta_schedule.parallel" = max parallel extent, "meta_schedule.vectorize" = max '
+                     'vector width, "meta_schedule.unroll_explicit" = max unroll steps',
+         tensor_intrinsics=None),
+)}
+
+
+def kind(target: Target | str) -> Kind:
+    """The KINDS entry of `target` (or of a kind's name, as results and manifests record it)."""
+    name = target if isinstance(target, str) else target.kind.name
+    if name not in KINDS:
+        raise UserError(f"target kind {name!r}: schedsearch knows {', '.join(KINDS)}")
+    return KINDS[name]
+
+
 def is_gpu(target: Target) -> bool:
-    return target.kind.name == "cuda"
+    return kind(target).gpu
 
 
 def device(target: Target) -> tvm.runtime.Device:
-    return tvm.cuda(0) if is_gpu(target) else tvm.cpu(0)
+    return tvm.runtime.device(kind(target).device, 0)
 
 
 def torch_device(target: Target) -> str:
-    return "cuda" if is_gpu(target) else "cpu"
+    return kind(target).device
 
 
 def device_slug(name: str) -> str:

@@ -194,7 +194,7 @@ StrategyFactory = Callable[[Task], "ms.search_strategy.SearchStrategy | str"]
 
 
 def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_name: str,
-           make_strategy: StrategyFactory, trials: int, seed: int = 0,
+           make_strategy: StrategyFactory, trials: int, seed: int = Tuning.seed,
            runner: ms.runner.Runner | None = None, builder: ms.builder.Builder | None = None,
            cost_model: cost_models.Start | None = None, capping_runner: bool | None = None,
            stop: Callable[[], bool] | None = None, cost_model_warmup: int = 100) -> dict[str, dict]:
@@ -407,9 +407,9 @@ def tune_workload(workload, target: tvm.target.Target, run: RunDir, tuning: Tuni
 
 def _tune_locked(workload, target, search_target, run: RunDir, tuning: Tuning, evaluation: Evaluation, command,
                  strategy_options, model_start, rpc_at, t0) -> Results:
-    from . import frontend, rpc, shared_memory, strategies
+    from . import frontend, rpc, shared_memory, strategies, target as targets
 
-    smem = {"shared_memory_per_block": shared_memory.limit(search_target)} if target.kind.name == "cuda" else {}
+    smem = {"shared_memory_per_block": shared_memory.limit(search_target)} if targets.kind(target).shared_memory else {}
     _check_same_run(run, workload_sha256=workload.sha256, size=workload.size, target=str(target),
                     strategy=tuning.strategy, **smem)
     repair_database(run.database)  # a damaged database is refused before any work
@@ -499,7 +499,7 @@ def _compile_validate_write(workload, target, search_target, run, mod, tasks, by
                              for n, (s, d) in zip(workload.input_names, workload.input_specs)]},
         strategy=tuning.strategy, seed=tuning.seed, trials_per_task=tuning.trials, runner=tuning.runner,
         target=str(target), device=targets.facts(target), versions=versions(),
-        shared_memory_per_block=shared_memory.limit(search_target) if targets.is_gpu(target) else None,
+        shared_memory_per_block=shared_memory.limit(search_target) if targets.kind(target).shared_memory else None,
         command=command or sys.argv,
         cost_model=model_start.record(),
         tasks=[task_summary(t, by_task.get(t.name, []), tuning.trials, ended.get(t.name)) for t in tasks],

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from .options import Evaluation
+
 if TYPE_CHECKING:  # annotations only: workload.py imports this module
     from .workload import Workload
 
@@ -192,7 +194,7 @@ def _noise_note(noise_l2: float | None) -> str:
 
 
 def validate(workload: Workload, run: Callable[[list[torch.Tensor]], list[torch.Tensor]], device: str,
-             seeds: int = 3, distributions: tuple[str, ...] = tuple(DISTRIBUTIONS)) -> list[Check]:
+             seeds: int = Evaluation.validation_seeds, distributions: tuple[str, ...] = tuple(DISTRIBUTIONS)) -> list[Check]:
     """`run` maps input tensors (on `device`) to output tensors: the compiled module under test."""
     checks = []
     for seed in range(seeds):

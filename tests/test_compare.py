@@ -11,9 +11,11 @@ import pytest
 
 from conftest import ROOT
 from schedsearch import cli as cli_module, target as targets, workload
-from schedsearch.compare import add_commands, compare, time_baselines
+from schedsearch.baselines import time_baselines
+from schedsearch.compare import add_commands, compare
 from schedsearch.errors import UserError
-from schedsearch.report import band, fmt_us, peak_for, roofline_us, task_curve, trials_to_reach, workload_curve
+from schedsearch.peaks import peak_for, roofline_us
+from schedsearch.report import band, fmt_us, task_curve, trials_to_reach, workload_curve
 from schedsearch.rundir import Results, RunDir
 
 SOFTMAX, RMSNORM = str(ROOT / "workloads/level1/softmax.py"), str(ROOT / "workloads/level2/rmsnorm.py")

@@ -137,6 +137,22 @@ def test_auto_without_a_model_for_this_device_starts_from_nothing(tmp_path, monk
     assert start.kind == "none" and start.record()["note"].startswith("no pretrained model for this device")
 
 
+def test_every_named_cost_model_start_is_started_by_its_function_and_listed_in_the_help(llvm, tmp_path,
+                                                                                       monkeypatch, capsys):
+    from schedsearch.options import COST_MODELS
+
+    monkeypatch.setattr(cost_models, "ROOT", tmp_path)  # auto: no model for this device
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name, entry in COST_MODELS.items():
+        assert cost_models.start(name, llvm) == getattr(cost_models, entry.start)(llvm)
+        assert cost_models.start(name, llvm).requested == name
+        assert f"{name} ({entry.help}" in help_text or f"{name} (default: {entry.help}" in help_text
+    with pytest.raises(UserError, match=r"cost model file not found: atuo \(--cost-model takes none, auto, a DIR"):
+        cost_models.start("atuo", llvm)
+
+
 def test_cost_model_that_is_neither_a_tar_nor_a_model_dir_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a model")
     (tmp_path / "empty").mkdir()

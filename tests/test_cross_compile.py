@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from conftest import ROOT
-from schedsearch import report, target as targets
+from schedsearch import peaks, target as targets
 from schedsearch.cli import main
 from test_rpc import _accepts, _free_port, _wait, cluster  # noqa: F401  (cluster: the fixture)
 
@@ -100,7 +100,7 @@ def test_named_gpus_take_their_facts_from_the_table_not_the_device():
         t = targets.resolve(name)
         assert targets.facts(t) == facts and int(t.attrs["l2_cache_size_bytes"]) == facts["l2_bytes"]
         assert not targets.gpu_here(t)
-        assert report.peak_for(facts["name"]) is not None  # the roofline knows it by that name
+        assert peaks.peak_for(facts["name"]) is not None  # the roofline knows it by that name
     bare = targets.facts(targets.resolve("cuda", "sm_80"))
     assert bare["arch"] == "sm_80" and bare["name"] == "CUDA sm_80 GPU"
 

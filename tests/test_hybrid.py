@@ -85,30 +85,43 @@ def test_lifting_keeps_the_kernel_and_makes_tiles_sampled(tmp_path):
     assert moved and all(len(d) == 3 for d in moved) and ((8, 16), (16, 8), (32, 4)) not in moved
 
 
-def test_lifting_moves_root_annotations_last_so_a_replay_leaves_the_module_alone(tmp_path):
-    """TVM 0.27 re-applies a trace that annotates the root and then splits a loop below a statement sequence
-    in place, on the module it is applied to (evolution and the database loader share modules)."""
-    import tvm
-    import tvm_ffi
-
-    task = task_of(LAYERNORM, tmp_path)
-    program = schedule_lang.parse("""b0 = sch.get_sblock(name="root", func_name="main")
+ROOT_ANNOTATION_FIRST = """b0 = sch.get_sblock(name="root", func_name="main")
 b1 = sch.get_sblock(name="ln_stats", func_name="main")
 sch.annotate(block_or_loop=b0, ann_key="meta_schedule.unroll_explicit", ann_val=16)
 l2, l3, l4, l5 = sch.get_loops(block=b1)
 l6 = sch.fuse(l3, l4, l5, preserve_unit_iters=True)
-l7, l8 = sch.split(loop=l6, factors=[256, 4], preserve_unit_iters=True, disable_predication=False)""")
-    unchanged, kernels = [], []
-    for lift in (False, True):
-        sch = schedule_lang.fresh_schedule(task.mod)
-        schedule_lang.apply(program, sch, lift=lift)
-        kernels.append(tvm_ffi.structural_hash(sch.mod))
-        mod = schedule_lang.fresh_schedule(task.mod).mod
-        before = tvm_ffi.structural_hash(mod)
-        sch.trace.apply_to_schedule(tvm.s_tir.Schedule(mod), remove_postproc=True)
-        unchanged.append(tvm_ffi.structural_hash(mod) == before)
-    assert kernels[0] == kernels[1]
-    assert unchanged == [False, True]  # as written TVM rewrites the module (a canary for a fix upstream)
+l7, l8 = sch.split(loop=l6, factors=[256, 4], preserve_unit_iters=True, disable_predication=False)"""
+
+
+def replayed(task, lift: bool) -> tuple[int, bool]:
+    """The program applied (lifted or as written): its kernel's hash, and whether replaying its trace on a
+    fresh copy of the task's module left that module as it was."""
+    import tvm
+    import tvm_ffi
+
+    sch = schedule_lang.fresh_schedule(task.mod)
+    schedule_lang.apply(schedule_lang.parse(ROOT_ANNOTATION_FIRST), sch, lift=lift)
+    kernel = tvm_ffi.structural_hash(sch.mod)
+    mod = schedule_lang.fresh_schedule(task.mod).mod
+    before = tvm_ffi.structural_hash(mod)
+    sch.trace.apply_to_schedule(tvm.s_tir.Schedule(mod), remove_postproc=True)
+    return kernel, tvm_ffi.structural_hash(mod) == before
+
+
+def test_lifting_moves_root_annotations_last_so_a_replay_leaves_the_module_alone(tmp_path):
+    """TVM 0.27 re-applies a trace that annotates the root and then splits a loop below a statement sequence
+    in place, on the module it is applied to (evolution and the database loader share modules)."""
+    task = task_of(LAYERNORM, tmp_path)
+    (written, _), (lifted, unchanged) = replayed(task, lift=False), replayed(task, lift=True)
+    assert lifted == written and unchanged
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="TVM 0.27 replays a root annotation followed by a split below a statement sequence in place, "
+                          "on the module the trace is applied to: passing means upstream fixed it")
+def test_upstream_canary_replaying_a_root_annotation_first_leaves_the_module_alone(tmp_path):
+    _, unchanged = replayed(task_of(LAYERNORM, tmp_path), lift=False)
+    assert unchanged
 
 
 def test_lifting_keeps_thread_extents_literal(tmp_path):

@@ -23,6 +23,26 @@ def test_every_command_line_default_is_the_option_objects_default():
     assert llm_options(tune) == llm_options(compare) == LLMOptions()
 
 
+def test_the_code_behind_an_option_defaults_to_the_command_lines_default():
+    """Where a function or strategy that an option reaches has a default of its own, it is the option's."""
+    import inspect
+
+    from schedsearch import library, llm_bridge, llm_client, validate
+    from schedsearch.strategies.hybrid import HybridOptions
+    from schedsearch.strategies.llm import LLMProposer
+
+    tune, bridge = parse("tune", "w.py"), parse("llm-bridge", "box")
+    default = lambda f, name: inspect.signature(f).parameters[name].default
+    assert HybridOptions().stall_trials == tune.hybrid_stall_trials
+    assert [default(LLMProposer, k) for k in ("ideas", "programs_per_idea", "temperature", "exchange")] == [
+        tune.llm_ideas, tune.llm_programs_per_idea, tune.llm_temperature, tune.llm_exchange]
+    assert default(llm_client.make_client, "concurrency") == tune.llm_concurrency
+    assert default(llm_client.make_client, "timeout_s") == tune.llm_timeout
+    assert default(validate.validate, "seeds") == tune.validation_seeds
+    assert default(llm_bridge.Bridge.serve, "poll_s") == bridge.poll
+    assert library.load(None, "llvm").requested == tune.library
+
+
 def test_strategy_options_are_what_results_json_recorded(monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     args = parse("tune", "w.py", "--strategy", "llm", "--llm-concurrency", "3", "--no-wait")
@@ -42,6 +62,7 @@ def test_strategy_options_are_what_results_json_recorded(monkeypatch):
     ({"trials": 0}, "--trials must be at least 1, got 0"),
     ({"cap_factor": 0.5}, "--cap-factor must be at least 1"),
     ({"min_cap_s": -1.0}, "--min-cap-s must be at least 0, got -1.0"),
+    ({"shared_memory": "lots"}, "bad --shared-memory 'lots': use stock | max | KB"),
 ])
 def test_bad_tuning_options_are_refused_when_built(options, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):

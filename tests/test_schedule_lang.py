@@ -443,5 +443,18 @@ def test_fresh_schedule_leaves_the_task_module_alone():
     before = tvm.ir.load_json(tvm.ir.save_json(mod))
     apply(program, fresh_schedule(mod))
     assert tvm_ffi.structural_equal(mod, before)
-    apply(program, Schedule(mod))  # the trap itself: if TVM fixes it, this test can go
-    assert not tvm_ffi.structural_equal(mod, before)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="TVM 0.27 writes into the module a Schedule was made from after `annotate` on root: passing "
+                          "means upstream fixed it, and fresh_schedule's copy may go")
+def test_upstream_canary_a_schedule_leaves_its_module_alone():
+    program = parse('b0 = sch.get_sblock(name="root", func_name="main")\n'
+                    'sch.annotate(block_or_loop=b0, ann_key="meta_schedule.unroll_explicit", ann_val=16)\n'
+                    'b1 = sch.get_sblock(name="T_softmax_norm", func_name="main")\n'
+                    'l2, l3 = sch.get_loops(block=b1)\n'
+                    'l4, l5 = sch.split(loop=l3, factors=[None, 4])')
+    mod = _softmax()
+    before = tvm.ir.load_json(tvm.ir.save_json(mod))
+    apply(program, Schedule(mod))  # the trap fresh_schedule avoids
+    assert tvm_ffi.structural_equal(mod, before)

@@ -62,8 +62,9 @@ def test_search_limit_per_strategy():
     assert shared_memory.search_limit("227", HOPPER, "ansor") == 49152  # the stock arm keeps TVM's limit
     assert str(HOPPER_227.host) == str(HOPPER.host) and HOPPER_227.arch == HOPPER.arch
     for option, why in [("lots", "bad --shared-memory 'lots'"), ("0", "positive number of KB")]:
-        with pytest.raises(UserError, match=why):
-            shared_memory.search_limit(option, HOPPER, "hybrid")
+        for strategy in ("hybrid", "ansor"):  # ansor keeps TVM's limit, and is refused a bad one all the same
+            with pytest.raises(UserError, match=why):
+                shared_memory.search_limit(option, HOPPER, strategy)
     with pytest.raises(UserError, match="only CUDA targets"):
         shared_memory.search_limit("227", tvm.target.Target({"kind": "llvm"}), "rules")
     assert shared_memory.search_limit("stock", tvm.target.Target({"kind": "llvm"}), "rules") is None
@@ -76,6 +77,27 @@ def test_the_prompts_facts_say_the_limit_searched_with():
     assert targets.facts(h200)["shared_memory_per_block"] == 49152
     wide = shared_memory.with_limit(h200, 232448)
     assert targets.facts(wide)["shared_memory_per_block"] == 232448 and targets.facts(wide)["name"] == "NVIDIA H200"
+
+
+@pytest.mark.parametrize("strategy", ["ansor", "rules"])
+@pytest.mark.parametrize("value, message", [
+    ("lots", "bad --shared-memory 'lots': use stock | max | KB"),
+    ("0", "bad --shared-memory 0: expected a positive number of KB"),
+    ("999999", "--shared-memory 999999: only CUDA targets have shared memory (the target is llvm); leave it at stock"),
+])
+def test_a_bad_shared_memory_is_refused_before_any_work(tmp_path, capsys, strategy, value, message):
+    """Whatever the strategy (ansor searches with the stock limit, but a value the target cannot take is refused
+    for it too, as compare refuses it for every arm): exit 2, one line, no run dir; a value that is not one
+    --shared-memory takes is refused when the options are built, before the workload is even loaded."""
+    from schedsearch.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["tune", str(ROOT / "workloads/level1/softmax.py"), "--size", "small", "--target", "llvm",
+               "--strategy", strategy, "--shared-memory", value, "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (rc, err[-1]) == (2, f"schedsearch: error: {message}")
+    assert len(err) == (2 if value.isdigit() and int(value) > 0 else 1)  # the target's check: after "tuning softmax ..."
+    assert not out.exists()
 
 
 def test_verify_gpu_code_follows_the_searched_limit():

@@ -69,3 +69,23 @@ def test_load_refuses_a_module_for_a_cpu_with_more_features(tmp_path):
         export._check_device(tmp_path, manifest)
     export._check_device(tmp_path, {**manifest, "target": str(targets.resolve("llvm"))})  # this CPU: fine
     assert json.loads(str(other))["mcpu"] == "sapphirerapids"
+
+
+@pytest.mark.parametrize("name, arch", [("llvm", None), ("cuda", "sm_90a"), ("h200", None)])
+def test_each_target_kind_is_one_entry_whose_device_is_tvms(name, arch):
+    """What the code outside target.py asks of a kind comes from its KINDS entry, and the entry's device is
+    the one TVM derives from the target (the runner's device type), and one PyTorch names the same."""
+    import torch
+
+    from schedsearch import measure, shared_memory
+
+    target = targets.resolve(name, arch)
+    kind = targets.kind(target)
+    assert kind is targets.KINDS[target.kind.name]
+    assert measure.device_type(target) == kind.device == str(targets.device(target)).split(":")[0]
+    assert torch.device(kind.device).type == targets.torch_device(target) == kind.device
+    assert targets.is_gpu(target) == kind.gpu == (name != "llvm")
+    assert (shared_memory.limit(target) is not None) == kind.shared_memory
+    assert measure.evaluator_config(target).min_repeat_ms == (10 if kind.gpu else 0)
+    with pytest.raises(UserError, match="target kind 'rocm': schedsearch knows cuda, llvm"):
+        targets.kind("rocm")

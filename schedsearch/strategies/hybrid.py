@@ -24,6 +24,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from .. import schedule_lang
+from ..options import HYBRID_STALL_TRIALS
 from ..schedule_lang import ScheduleLangError
 from .proposals import FirstAnswer, ProposalSearch, TaskView, measure_candidate, search_factory
 from .rules import RuleProposer
@@ -33,7 +34,7 @@ log = logging.getLogger("schedsearch.ms")
 
 @dataclass(frozen=True)
 class HybridOptions:
-    stall_trials: int = 64  # evolution trials without a better kernel before the next proposal round
+    stall_trials: int = HYBRID_STALL_TRIALS  # evolution trials without a better kernel before the next proposal round
     min_gain: float = 0.01  # "better": this much faster than the best so far
     proposal_trials: int = 16  # at most per proposal round (an LLM round measures its ideas x programs)
     # EvolutionarySearch gives up when fewer than this many random samples of the design space are valid

@@ -12,6 +12,7 @@ import sys
 
 from .. import schedule_lang
 from ..llm_client import LLMError, Request, make_client
+from ..options import LLMOptions
 from .proposals import Outcome, Proposal, TaskView, search_factory
 
 SYSTEM = """You are an expert performance engineer who schedules tensor kernels with Apache TVM.
@@ -31,13 +32,6 @@ split off for you and meta_schedule.* annotations work ({annotations}).
 {tensorize}
 Allowed primitives:
 {catalogue}"""
-
-ANNOTATIONS = {
-    "cuda": 'root block: "meta_schedule.unroll_explicit" = max unroll steps; cache_read block: '
-            '"meta_schedule.cooperative_fetch" = vector lanes',
-    "llvm": 'root block: "meta_schedule.parallel" = max parallel extent, "meta_schedule.vectorize" = max '
-            'vector width, "meta_schedule.unroll_explicit" = max unroll steps',
-}
 
 CONTEXT = """Kernel `{name}` (TVMScript):
 ```
@@ -120,6 +114,13 @@ def history_text(view: TaskView) -> str:
     return "\n".join(lines) if lines else "Nothing has been measured yet."
 
 
+def target_kind(view: TaskView):
+    """The target.KINDS entry of the task's target (llvm's where its facts name no kind)."""
+    from ..target import KINDS
+
+    return KINDS.get(view.target.get("kind"), KINDS["llvm"])
+
+
 def tensorize_text(view: TaskView) -> str:
     """Which of TVM's tensor intrinsics compute with this kernel's input types on this target (or that none do)."""
     from tvm.s_tir import meta_schedule as ms
@@ -128,7 +129,7 @@ def tensorize_text(view: TaskView) -> str:
 
     if not TENSOR_INTRINSICS or view.mod is None:
         return ""
-    families = {"cuda": ("cuda", "dot_product_common")}.get(view.target.get("kind"))
+    families = target_kind(view).tensor_intrinsics
     if families is None:  # llvm: the intrinsics of the host's architecture
         machine = str(view.target.get("machine", ""))
         families = ("x86",) if machine in ("x86_64", "AMD64") else ("arm_cpu",) if machine.startswith(("aarch64", "arm")) else ()
@@ -170,8 +171,8 @@ class LLMProposer:
     """`exchange`: "ideas" asks for ideas, then programs for each (two exchanges a round); "programs" asks for
     programs directly, each with its idea in a comment (one exchange a round, for slow hand-offs)."""
 
-    def __init__(self, client, ideas: int = 4, programs_per_idea: int = 2, temperature: float = 0.8,
-                 seed: int = 0, exchange: str = "ideas"):
+    def __init__(self, client, ideas: int = LLMOptions.ideas, programs_per_idea: int = LLMOptions.programs_per_idea,
+                 temperature: float = LLMOptions.temperature, seed: int = 0, exchange: str = LLMOptions.exchange):
         self.client, self.ideas, self.per_idea = client, ideas, programs_per_idea
         self.temperature, self.seed, self.exchange = temperature, seed, exchange
         self.label = f"llm:{client.model}"
@@ -183,7 +184,7 @@ class LLMProposer:
         start = history_text(view) if view.measured else SKETCH.format(sketch=sketch) + history_text(view)
         context = CONTEXT.format(name=view.name, script=view.script, target=target, start=start)
         system = {"role": "system", "content": SYSTEM.format(
-            annotations=ANNOTATIONS.get(view.target.get("kind"), ANNOTATIONS["llvm"]), tensorize=tensorize_text(view),
+            annotations=target_kind(view).annotations, tensorize=tensorize_text(view),
             catalogue=schedule_lang.catalogue())}
         tag = f"{view.name}|r{view.round}"
         seed = self.seed * 1_000_003 + view.round * 1000

@@ -335,7 +335,7 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
                 self.error = e
                 return None
             t_check = time.time()
-            outcomes, schedules = self._check(proposals)
+            outcomes, schedules = self.check(proposals)
             self.outcomes += outcomes
             self.history.ended(self.round, len(proposals))
             if schedules:
@@ -379,7 +379,10 @@ class ProposalSearch(ms.search_strategy.PySearchStrategy):
         out = Outcome(best.program, f"re-measure of {best.source}", "queued", round=self.round + 1, repeats=best)
         return out, Proposal(best.program, out.source), sch
 
-    def _check(self, proposals: list[Proposal]):
+    def check(self, proposals: list[Proposal]):
+        """What a round does with its proposals before ranking them: each parsed, applied lifted, post-processed and
+        lowered for its features; -> (an Outcome per proposal: rejected with the reason, duplicate, or unranked,
+        {index: schedule} of the unranked ones). Also benchmarks/library_retarget.py's check, outside a search."""
         outcomes, schedules = [], {}
         round_seen = set()
         for i, p in enumerate(proposals):
