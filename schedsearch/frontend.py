@@ -43,7 +43,8 @@ def export_onnx(workload: Workload, path: Path) -> Path:
     try:
         with contextlib.redirect_stdout(buf), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = tensor_attributes_as_buffers(workload.model).cpu()
+            workload.reset_state()  # timing or checking it may have run the model: export its first call
+            model = workload.model.cpu()
             try:  # torch.onnx's own first capture; ops it cannot export are rewritten in the program
                 model = onnx_ops.decompose_program(torch.export.export(model, inputs, strict=False))
             except Exception:
@@ -53,21 +54,6 @@ def export_onnx(workload: Workload, path: Path) -> Path:
     except Exception as e:
         raise UserError(f"ONNX export of {workload.name} failed: {root_cause(e)}") from e
     return path
-
-
-def tensor_attributes_as_buffers(model):
-    """`model` with each plain tensor attribute (`self.hidden = torch.randn(...)`, not a parameter or buffer) made
-    a non-persistent buffer, in place. torch.export refuses a forward that reassigns one ("Constant hidden is
-    mutated in the forward method. Pls register it as buffer": KernelBench's level-3 VanillaRNN); as a buffer it
-    exports, and the state it carries between calls is an intermediate of the one call exported."""
-    import torch
-
-    for module in model.modules():
-        for name, value in list(vars(module).items()):
-            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
-                delattr(module, name)
-                module.register_buffer(name, value, persistent=False)
-    return model
 
 
 def root_cause(e: BaseException) -> str:

@@ -33,9 +33,19 @@ class Workload:
     input_names: list[str] = field(default_factory=list)
     input_specs: list[tuple[tuple[int, ...], torch.dtype]] = field(default_factory=list)
     input_domains: list[str] = field(default_factory=list)  # validate.DOMAINS name per input ("real" if undeclared)
+    initial_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the model's buffers as loaded
 
     def __post_init__(self):
         self.input_domains = self.input_domains or ["real"] * len(self.input_specs)
+
+    def reset_state(self) -> None:
+        """The model's buffers back to their values at load. A forward that changes its module's state (an RNN's
+        hidden state) is exported, and checked, as its first call: every reference call starts from that state."""
+        for name, value in self.initial_state.items():
+            prefix, _, leaf = name.rpartition(".")
+            module = self.model.get_submodule(prefix)
+            now = module._buffers.get(leaf)
+            module._buffers[leaf] = value.clone().to(now.device if now is not None else value.device)
 
     @property
     def sha256(self) -> str:
@@ -59,6 +69,7 @@ class Workload:
         """Outputs of the original program (PyTorch module, or onnxruntime for ONNX files).
         `float64`: the PyTorch module run in double precision on upcast inputs (None for ONNX files)."""
         if self.model is not None:
+            self.reset_state()
             model = self.model.to(inputs[0].device)
             if float64:
                 model = copy.deepcopy(model).double()
@@ -113,7 +124,7 @@ def _load_kernelbench(path: Path, size: str) -> Workload:
         # loaded (tune, export, run --check), or a module would be checked against another model.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = module.Model(*module.get_init_inputs()).eval()
+            model = tensor_attributes_as_buffers(module.Model(*module.get_init_inputs()).eval())
         inputs = module.get_inputs()
     except Exception as e:
         raise UserError(f"{path}: building the model or its inputs failed: {type(e).__name__}: {e}") from e
@@ -131,9 +142,23 @@ def _load_kernelbench(path: Path, size: str) -> Workload:
 
     inputs = [t for t in inputs if isinstance(t, torch.Tensor)]
     return Workload(path.stem, path, size, make_inputs, model=model,
+                    initial_state={n: b.detach().clone() for n, b in model.named_buffers()},
                     input_names=[f"input{i}" for i in range(len(inputs))],
                     input_specs=[(tuple(t.shape), t.dtype) for t in inputs],
                     input_domains=_input_domains(path, getattr(module, "INPUT_DOMAINS", None), len(inputs)))
+
+
+def tensor_attributes_as_buffers(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with each plain tensor attribute (`self.hidden = torch.randn(...)`, not a parameter or buffer) made
+    a non-persistent buffer, in place: it moves with the model, Workload.reset_state restores it, and torch.export
+    takes a forward that reassigns it, which it refuses for a plain attribute ("Constant hidden is mutated in the
+    forward method. Pls register it as buffer": KernelBench's level-3 VanillaRNN)."""
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                delattr(module, name)
+                module.register_buffer(name, value, persistent=False)
+    return model
 
 
 class FixedScalars(torch.nn.Module):

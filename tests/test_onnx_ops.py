@@ -58,6 +58,31 @@ def test_a_tensor_attribute_reassigned_in_forward_exports_as_a_buffer(tmp_path, 
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_state_a_forward_accumulates_is_compiled_and_checked_as_its_first_call(tmp_path, write_problem):
+    path = write_problem(
+        "class Model(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.total = torch.ones(2, 3)\n"
+        "    def forward(self, x):\n"
+        "        self.total.add_(x)\n"
+        "        return torch.tanh(self.total)\n"
+        "def get_inputs():\n"
+        "    return [torch.rand(2, 3)]\n"
+        "def get_init_inputs():\n"
+        "    return []\n")
+    wl = workload.load(path)
+    x = wl.make_inputs()
+    first = wl.reference(x)[0]
+    torch.testing.assert_close(wl.reference(x)[0], first)  # not tanh(1 + 2x): each call starts as loaded
+    wl.model(*x)  # as eager timing runs it: the export still starts from the loaded state
+    onnx_path = frontend.export_onnx(wl, tmp_path / "m.onnx")
+    module = CompiledModule(frontend.compile_module(frontend.import_onnx(onnx_path, wl.shapes()),
+                                                    targets.resolve("llvm"), None), "cpu")
+    torch.testing.assert_close(module(*x)[0], first, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(first, torch.tanh(1 + x[0]))
+
+
 def test_python_scalars_among_the_inputs_are_fixed_at_their_values(tmp_path, write_problem):
     path = write_problem(
         "class Model(nn.Module):\n"
