@@ -202,6 +202,12 @@ def timed_out(output: str, stage: str, timeout: float) -> str:
     listed = re.search(r"\] \d+ task\(s\): (.*); searching", output)
     if stage != "tune" or not listed:
         where = {"compile": " compiling the module", "validate": " validating and timing the module"}.get(stage, "")
+        searched = re.search(r"^\[ *(\d+) s\] compiling", output, re.M)
+        bests = [(float(us.replace(",", "")), name) for name, us in
+                 re.findall(r"^\[\d+/\d+ ([^\]]+)\][^\n]* best ([\d,.]+) us", output, re.M)]
+        if searched and stage == "validate":
+            where += f" (the search took {searched.group(1)} s" + (
+                f"; slowest kernel {max(bests)[1]}, {max(bests)[0] / 1e3:,.1f} ms a call)" if bests else ")")
         return f"timed out after {timeout:g} s{where}"
     names = listed.group(1).split(", ")
     progress = re.findall(r"^\[(\d+)/\d+ [^\]]+\][^\n]*?(\d+)/(\d+) trials", output, re.M)

@@ -57,3 +57,7 @@ def test_a_timeout_names_the_task_in_search():
     done_first = listed + "[1/3 conv3d_transpose] ######################## 1/1 trials  best 8.1 ms  errors 0\n"
     assert coverage.timed_out(done_first, "tune", 420).endswith("searching task add (2 of 3)")
     assert coverage.timed_out(done_first, "validate", 60) == "timed out after 60 s validating and timing the module"
+    compiled = (done_first + "[2/3 add] ######################## 1/1 trials  best 1,850,544.2 us  errors 0\n"
+                "[3/3 sum] ######################## 1/1 trials  best -  errors 1\n[ 386 s] compiling the module\n")
+    assert coverage.timed_out(compiled, "validate", 420) == ("timed out after 420 s validating and timing the module "
+                                                             "(the search took 386 s; slowest kernel add, 1,850.5 ms a call)")
