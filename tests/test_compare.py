@@ -279,44 +279,32 @@ def test_html_report_renders_in_headless_chromium(cmp_dir, tmp_path):
     assert widths == ["800"] * n_images  # 8 inches at 100 dpi
 
 
-def test_a_crashing_arm_is_reported_and_the_others_still_run(cmp_dir, tmp_path, monkeypatch, capfd):
+def _crash(workload):
+    raise RuntimeError("the builder's worker died")
+
+
+def _no_answer(workload):  # a replayed transcript recorded on other workloads: not a setting that stops compare
+    from schedsearch.llm_client import TranscriptExhausted
+    raise TranscriptExhausted(f"replay: transcript t.jsonl has no response for this prompt ({workload.name})")
+
+
+@pytest.mark.parametrize("fail, message", [(_crash, "RuntimeError: the builder's worker died"),
+                                           (_no_answer, "replay: transcript t.jsonl has no response")])
+def test_a_failing_arm_is_reported_and_the_others_still_run(cmp_dir, tmp_path, monkeypatch, capfd, fail, message):
     import schedsearch.tune
 
-    out = tmp_path / "crash"
+    out = tmp_path / "fail"
     shutil.copytree(cmp_dir, out)
     (out / "softmax/rules-s0/results.json").unlink()
     (out / "rmsnorm/ansor-s1/results.json").unlink()
-
-    def crash(workload, target, run, *args, **kwargs):
-        raise RuntimeError("the builder's worker died")
-    monkeypatch.setattr(schedsearch.tune, "tune_workload", crash)
+    monkeypatch.setattr(schedsearch.tune, "tune_workload", lambda workload, *args, **kwargs: fail(workload))
     assert cli(["compare", *ARGS, "-o", str(out)]) == 1
     err = capfd.readouterr().err
-    assert err.count("FAILED: RuntimeError: the builder's worker died") == 2  # both tried: one does not stop the other
-    assert "RuntimeError" in (out / "softmax/rules-s0/error.txt").read_text()
+    assert err.count(f"FAILED: {message}") == 2  # both tried: one does not stop the other
+    assert message in (out / "softmax/rules-s0/error.txt").read_text()
     notes = (out / "report.md").read_text().split("## Notes", 1)[1]
-    assert "softmax: rules seed 0 has no results (RuntimeError: the builder's worker died)" in notes
-    assert "rmsnorm: ansor seed 1 has no results" in notes
-
-
-def test_a_transcript_without_a_workloads_answers_fails_that_arm_only(cmp_dir, tmp_path, monkeypatch, capfd):
-    """A replayed transcript recorded on other workloads is an arm's failure, not a setting that stops compare."""
-    import schedsearch.tune
-    from schedsearch.llm_client import TranscriptExhausted
-
-    out = tmp_path / "replay"
-    shutil.copytree(cmp_dir, out)
-    (out / "softmax/rules-s0/results.json").unlink()
-    (out / "rmsnorm/rules-s0/results.json").unlink()
-
-    def no_answer(workload, target, run, *args, **kwargs):
-        raise TranscriptExhausted(f"replay: transcript t.jsonl has no response for this prompt ({workload.name})")
-    monkeypatch.setattr(schedsearch.tune, "tune_workload", no_answer)
-    assert cli(["compare", *ARGS, "-o", str(out)]) == 1
-    err = capfd.readouterr().err
-    assert err.count("FAILED: replay: transcript t.jsonl has no response") == 2
-    notes = (out / "report.md").read_text().split("## Notes", 1)[1]
-    assert "rmsnorm: rules seed 0 has no results (replay: transcript t.jsonl has no response" in notes
+    assert f"softmax: rules seed 0 has no results ({message}" in notes
+    assert f"rmsnorm: ansor seed 1 has no results ({message}" in notes
 
 
 def test_parallel_workers_run_arms_in_their_own_processes(cmp_dir, tmp_path, capfd):

@@ -238,6 +238,28 @@ def test_a_deferred_candidate_reaches_the_history_as_measured(deferred):
     assert recorder.statuses == ["measured", "measuring", "measured"]
 
 
+def test_a_replay_that_ends_while_its_programs_are_measuring_ends_the_search():
+    """The H200's softmax: the round's 8 programs were deferred (still building) when the replayed transcript had no
+    next round. That ends the search like any recorded run's end; only a task with no answer at all is an error."""
+    from schedsearch.llm_client import TranscriptExhausted
+    from schedsearch.strategies.proposals import Outcome, ProposalSearch
+
+    class Ended:
+        label = "llm:replay"
+
+        def propose(self, view):
+            raise TranscriptExhausted("replay: transcript t.jsonl has no response for this prompt")
+
+    for outcomes, ended, error in [([Outcome("sch.a()", "idea 1", "measuring")], True, False), ([], False, True)]:
+        search = ProposalSearch(Ended(), {})
+        search.max_trials, search.per_iter, search.trials, search.round = 16, 8, 8, 1
+        search.outcomes, search.measured, search.rejected = outcomes, [], []
+        search._view = lambda want, can_measure: None
+        assert search.generate_measure_candidates() is None
+        assert (search.ended == "the replayed transcript has no more answers") == ended
+        assert isinstance(search.error, TranscriptExhausted) == error
+
+
 def _closed_port() -> int:
     import socket
 

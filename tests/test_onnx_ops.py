@@ -7,6 +7,17 @@ from schedsearch import frontend, target as targets, workload
 from schedsearch.runtime import CompiledModule
 
 
+def compiled(wl, onnx_path) -> CompiledModule:
+    return CompiledModule(frontend.compile_module(frontend.import_onnx(onnx_path, wl.shapes()),
+                                                  targets.resolve("llvm"), None), "cpu")
+
+
+def assert_module_matches_pytorch(wl, onnx_path) -> None:
+    inputs = wl.make_inputs()
+    for ours, ref in zip(compiled(wl, onnx_path)(*inputs), wl.reference(inputs), strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_cross_entropy_and_nll_are_decomposed_into_supported_ops(tmp_path, write_problem):
     path = write_problem(
         "F = torch.nn.functional\n"
@@ -26,11 +37,7 @@ def test_cross_entropy_and_nll_are_decomposed_into_supported_ops(tmp_path, write
     onnx_path = frontend.export_onnx(wl, tmp_path / "m.onnx")
     exported = {n.op_type for n in onnx.load(str(onnx_path)).graph.node}
     assert {"SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss"} <= exported  # what the test is about
-    module = CompiledModule(frontend.compile_module(frontend.import_onnx(onnx_path, wl.shapes()),
-                                                    targets.resolve("llvm"), None), "cpu")
-    inputs = wl.make_inputs()
-    for ours, ref in zip(module(*inputs), wl.reference(inputs), strict=True):
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    assert_module_matches_pytorch(wl, onnx_path)
 
 
 def test_a_tensor_attribute_reassigned_in_forward_exports_as_a_buffer(tmp_path, write_problem):
@@ -51,11 +58,7 @@ def test_a_tensor_attribute_reassigned_in_forward_exports_as_a_buffer(tmp_path, 
         "    return []\n")
     wl = workload.load(path)
     onnx_path = frontend.export_onnx(wl, tmp_path / "m.onnx")
-    module = CompiledModule(frontend.compile_module(frontend.import_onnx(onnx_path, wl.shapes()),
-                                                    targets.resolve("llvm"), None), "cpu")
-    inputs = wl.make_inputs()
-    for ours, ref in zip(module(*inputs), wl.reference(inputs), strict=True):
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    assert_module_matches_pytorch(wl, onnx_path)
 
 
 def test_state_a_forward_accumulates_is_compiled_and_checked_as_its_first_call(tmp_path, write_problem):
@@ -77,8 +80,7 @@ def test_state_a_forward_accumulates_is_compiled_and_checked_as_its_first_call(t
     torch.testing.assert_close(wl.reference(x)[0], first)  # not tanh(1 + 2x): each call starts as loaded
     wl.model(*x)  # as eager timing runs it: the export still starts from the loaded state
     onnx_path = frontend.export_onnx(wl, tmp_path / "m.onnx")
-    module = CompiledModule(frontend.compile_module(frontend.import_onnx(onnx_path, wl.shapes()),
-                                                    targets.resolve("llvm"), None), "cpu")
+    module = compiled(wl, onnx_path)
     torch.testing.assert_close(module(*x)[0], first, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(first, torch.tanh(1 + x[0]))
 
@@ -109,9 +111,4 @@ def test_cumprod_is_exported_and_compiled(tmp_path, write_problem):
         "def get_init_inputs():\n"
         "    return []\n")
     wl = workload.load(path)
-    onnx_path = frontend.export_onnx(wl, tmp_path / "m.onnx")
-    module = CompiledModule(frontend.compile_module(frontend.import_onnx(onnx_path, wl.shapes()),
-                                                    targets.resolve("llvm"), None), "cpu")
-    x = wl.make_inputs()
-    for ours, ref in zip(module(*x), wl.reference(x), strict=True):
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    assert_module_matches_pytorch(wl, frontend.export_onnx(wl, tmp_path / "m.onnx"))

@@ -429,16 +429,20 @@ if __name__ == "__main__" and sys.argv[1:] == ["crash-probe"]:
     _crash_probe()
 
 
+# Annotates the root, then splits a loop: the program TVM 0.27 applies into the Schedule's own module.
+ROOT_ANNOTATED_SPLIT = ('b0 = sch.get_sblock(name="root", func_name="main")\n'
+                        'sch.annotate(block_or_loop=b0, ann_key="meta_schedule.unroll_explicit", ann_val=16)\n'
+                        'b1 = sch.get_sblock(name="T_softmax_norm", func_name="main")\n'
+                        'l2, l3 = sch.get_loops(block=b1)\n'
+                        'l4, l5 = sch.split(loop=l3, factors=[None, 4])')
+
+
 def test_fresh_schedule_leaves_the_task_module_alone():
     """TVM 0.27 writes into the module a Schedule was made from after `annotate` on root;
     the search makes every schedule with fresh_schedule so the task's module stays as it was."""
     from schedsearch.schedule_lang import fresh_schedule
 
-    program = parse('b0 = sch.get_sblock(name="root", func_name="main")\n'
-                    'sch.annotate(block_or_loop=b0, ann_key="meta_schedule.unroll_explicit", ann_val=16)\n'
-                    'b1 = sch.get_sblock(name="T_softmax_norm", func_name="main")\n'
-                    'l2, l3 = sch.get_loops(block=b1)\n'
-                    'l4, l5 = sch.split(loop=l3, factors=[None, 4])')
+    program = parse(ROOT_ANNOTATED_SPLIT)
     mod = _softmax()
     before = tvm.ir.load_json(tvm.ir.save_json(mod))
     apply(program, fresh_schedule(mod))
@@ -449,11 +453,7 @@ def test_fresh_schedule_leaves_the_task_module_alone():
                    reason="TVM 0.27 writes into the module a Schedule was made from after `annotate` on root: passing "
                           "means upstream fixed it, and fresh_schedule's copy may go")
 def test_upstream_canary_a_schedule_leaves_its_module_alone():
-    program = parse('b0 = sch.get_sblock(name="root", func_name="main")\n'
-                    'sch.annotate(block_or_loop=b0, ann_key="meta_schedule.unroll_explicit", ann_val=16)\n'
-                    'b1 = sch.get_sblock(name="T_softmax_norm", func_name="main")\n'
-                    'l2, l3 = sch.get_loops(block=b1)\n'
-                    'l4, l5 = sch.split(loop=l3, factors=[None, 4])')
+    program = parse(ROOT_ANNOTATED_SPLIT)
     mod = _softmax()
     before = tvm.ir.load_json(tvm.ir.save_json(mod))
     apply(program, Schedule(mod))  # the trap fresh_schedule avoids

@@ -11,7 +11,7 @@ from tvm import relax, te, topi
 from tvm.s_tir import meta_schedule as ms
 
 from conftest import ROOT
-from schedsearch import frontend, measure, shared_memory
+from schedsearch import frontend, measure, shared_memory, target as targets
 from schedsearch.errors import UserError
 from schedsearch.tune import import_tensor_intrinsics
 
@@ -71,12 +71,33 @@ def test_search_limit_per_strategy():
 
 
 def test_the_prompts_facts_say_the_limit_searched_with():
-    from schedsearch import target as targets
-
     h200 = targets.resolve("h200")  # the table's H200, no GPU needed
     assert targets.facts(h200)["shared_memory_per_block"] == 49152
     wide = shared_memory.with_limit(h200, 232448)
     assert targets.facts(wide)["shared_memory_per_block"] == 232448 and targets.facts(wide)["name"] == "NVIDIA H200"
+
+
+@pytest.mark.skipif(targets._find_nvcc() is None, reason="nvcc is not installed (the test extra has it)")
+def test_tune_gives_the_strategy_the_target_it_searches(tmp_path, monkeypatch):
+    """The proposers' facts (the LLM's prompt) come from the target the strategy is made with: tune's search
+    target, 227 KB under --shared-memory 227, not the device's 48 KB."""
+    from schedsearch import strategies, workload
+    from schedsearch.options import Tuning
+    from schedsearch.rundir import RunDir
+    from schedsearch.tune import tune_workload
+
+    made = []
+
+    def make(name, target, **kwargs):
+        made.append(target)
+        raise KeyboardInterrupt  # stop before the export: the strategy is what this test is about
+    monkeypatch.setattr(strategies, "make", make)
+    with pytest.raises(KeyboardInterrupt):
+        tune_workload(workload.load(ROOT / "workloads/level1/softmax.py", "small"), targets.resolve("h200"),
+                      RunDir(tmp_path / "run"), Tuning(strategy="rules", shared_memory="227",
+                                                        runner="rpc://127.0.0.1:9/h200"))
+    [target] = made
+    assert shared_memory.limit(target) == 227 << 10 and targets.facts(target)["shared_memory_per_block"] == 227 << 10
 
 
 @pytest.mark.parametrize("strategy", ["ansor", "rules"])
