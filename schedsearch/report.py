@@ -445,8 +445,11 @@ def _arm_notes(wl: _Workload, exp: dict) -> list[str]:
         for a in wl.runs[s]:
             arm = f"{wl.name}: {s} seed {a['seed']}"
             if a["results"] is None:
-                why = a["error"].strip().splitlines()[-1] if a["error"] else "not run yet, or interrupted"
-                notes.append(f"{arm} has no results ({why}); run compare again to resume it.")
+                if a["error"]:  # rerunning may not help (a transcript with no answer for this workload)
+                    notes.append(f"{arm} failed ({a['error'].strip().splitlines()[-1]}); compare tries it again "
+                                 "when run again.")
+                else:
+                    notes.append(f"{arm} has no results (not run yet, or interrupted); run compare again to resume it.")
                 continue
             v = a["results"].validation
             if not v["passed"]:

@@ -8,6 +8,7 @@ for workers that stop answering, and one more try for candidates whose worker wa
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 import signal
@@ -202,6 +203,8 @@ def add_commands(sub) -> dict:
 
 
 def cmd_tracker(args) -> int:
+    if importlib.util.find_spec("tornado") is None:
+        raise UserError("schedsearch tracker needs tornado (TVM's tracker imports it): pip install tornado")
     with socket.socket() as probe:  # say so plainly if the port is taken (by an old tracker, say)
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -222,7 +225,10 @@ def cmd_worker(args) -> int:
     host, _, port = args.tracker.rpartition(":")
     if not host or not port.isdigit():
         raise UserError(f"--tracker {args.tracker!r}: expected HOST:PORT, e.g. 10.0.0.5:9190")
-    env = dict(os.environ)
+    # TVM's server forks a process per session. tvm_ffi's import asks torch.cuda.is_available(), which
+    # initializes CUDA in the server, and a forked child then cannot: on the H200 every measurement and the
+    # validation failed with "cudaErrorInitializationError (3)" until this was set.
+    env = dict(os.environ, TVM_FFI_DISABLE_TORCH_C_DLPACK="1")
     if args.gpu is not None:  # the server's device 0 is this GPU
         env["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
     print(f"worker for {'GPU ' + str(args.gpu) if args.gpu is not None else 'this host'} registering with "

@@ -265,8 +265,9 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
                 raise strategy.error
             if stoppable.stopped:
                 break
-            if log.done < trials and getattr(strategy, "ended", None):
-                print(f"{log.label} search ended after {log.done} trials: {strategy.ended}", file=sys.stderr)
+            ended = getattr(strategy, "ended", None) or (None if log.done else NO_VALID_SAMPLE)
+            if log.done < trials and ended:
+                print(f"{log.label} search ended after {log.done} trials: {ended}", file=sys.stderr)
             elif log.done < trials:  # the space ran dry before the budget: say so instead of looping
                 print(f"{log.label} space exhausted after {log.done} trials: the search has no other schedules to "
                       "measure (an elementwise kernel's space can be one)", file=sys.stderr)
@@ -529,9 +530,17 @@ def search_seconds(trials: list[dict]) -> float:
     return sum(longest.values())
 
 
+# A finished search that measured nothing: MetaSchedule's evolutionary search gives up when its samples fail the
+# postprocessors ("Cannot sample enough initial population"); stock Ansor did so on the H200's conv2d at 48 KB of
+# shared memory (1 valid of 200 samples, VerifyGPUCode refused the rest), and called that "space exhausted".
+NO_VALID_SAMPLE = ("no schedule sampled from the task's design space passed TVM's checks (MetaSchedule: \"Cannot "
+                   "sample enough initial population\"); on a GPU, --shared-memory max may let some through")
+
+
 def task_summary(task: Task, trials: list[dict], budget: int, ended: str | None = None) -> dict:
     """`budget`: the trials asked for; a finished search that measured fewer exhausted the task's space, unless
-    it `ended` for another reason (a replayed transcript with no more answers)."""
+    it `ended` for another reason (a replayed transcript with no more answers, or no valid sample at all)."""
+    ended = ended or (None if trials else NO_VALID_SAMPLE)
     curve, best = [], None
     for r in trials:
         if r["latency_us"] is not None and (best is None or r["latency_us"] < best):

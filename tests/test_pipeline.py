@@ -200,3 +200,22 @@ def test_a_speedup_is_shown_only_when_the_spread_allows_it(eager, shown):
     assert shown in text
     assert "softmax: 1 x build timed out after 30.0 s" in text  # the errors' cause, not only their count
     assert "best: each kernel alone as the tuner times it" in text
+
+
+def test_a_search_that_measured_nothing_is_not_called_space_exhausted():
+    """Stock Ansor on the H200's conv2d at 48 KB sampled no valid schedule and measured 0 trials: the summary said
+    "space exhausted (an elementwise kernel's space can be one)"; it now names the cause."""
+    import tvm
+    from tvm import te
+
+    from schedsearch.frontend import Task
+    from schedsearch.tune import NO_VALID_SAMPLE, task_summary
+
+    a = te.placeholder((4, 8), name="a")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, te.compute((4, 8), lambda i, j: a[i, j] * 2, name="b")])})
+    task = Task("double", 1, mod, 32.0)
+    none = task_summary(task, [], 64)
+    assert none["ended"] == NO_VALID_SAMPLE and "Cannot sample enough initial population" in none["ended"]
+    assert not none["space_exhausted"]
+    one = task_summary(task, [{"trial": 1, "latency_us": 1.0, "error": None}], 64)
+    assert one["space_exhausted"] and "ended" not in one

@@ -41,6 +41,27 @@ def test_parse_runner_spec():
             parse_runner_spec(bad)
 
 
+def test_the_worker_serves_without_torch_touching_cuda_and_the_tracker_names_a_missing_tornado(monkeypatch):
+    """On the H200 a GPU worker measured nothing: tvm_ffi's import asked torch.cuda.is_available() in TVM's server,
+    and each forked session then failed "cudaErrorInitializationError" (a child forked after `import tvm` did; with
+    TVM_FFI_DISABLE_TORCH_C_DLPACK=1 it reached the GPU). The tracker without tornado died in a traceback."""
+    import argparse
+    import importlib.util
+
+    from schedsearch import rpc
+
+    started = []
+    monkeypatch.setattr(rpc, "wait_for_tracker", lambda host, port: None)
+    monkeypatch.setattr(rpc, "_run_tvm_program", lambda module_args, env=None: started.append(env) or 0)
+    rpc.cmd_worker(argparse.Namespace(tracker="127.0.0.1:9190", key="h200", gpu=0, port=9090, host="0.0.0.0",
+                                      address=None))
+    assert started[0]["TVM_FFI_DISABLE_TORCH_C_DLPACK"] == "1" and started[0]["CUDA_VISIBLE_DEVICES"] == "0"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tornado" else find_spec(name, *a))
+    with pytest.raises(UserError, match="schedsearch tracker needs tornado.*pip install tornado"):
+        rpc.cmd_tracker(argparse.Namespace(host="127.0.0.1", port=9190))
+
+
 class _Done:
     def __init__(self, error_msg):
         from tvm.s_tir import meta_schedule as ms
