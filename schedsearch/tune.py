@@ -265,7 +265,7 @@ def search(tasks: list[Task], target: tvm.target.Target, run: RunDir, strategy_n
                 raise strategy.error
             if stoppable.stopped:
                 break
-            ended = getattr(strategy, "ended", None) or (None if log.done else NO_VALID_SAMPLE)
+            ended = why_ended(getattr(strategy, "ended", None), log.done)
             if log.done < trials and ended:
                 print(f"{log.label} search ended after {log.done} trials: {ended}", file=sys.stderr)
             elif log.done < trials:  # the space ran dry before the budget: say so instead of looping
@@ -534,13 +534,19 @@ def search_seconds(trials: list[dict]) -> float:
 # postprocessors ("Cannot sample enough initial population"); stock Ansor did so on the H200's conv2d at 48 KB of
 # shared memory (1 valid of 200 samples, VerifyGPUCode refused the rest), and called that "space exhausted".
 NO_VALID_SAMPLE = ("no schedule sampled from the task's design space passed TVM's checks (MetaSchedule: \"Cannot "
-                   "sample enough initial population\"); on a GPU, --shared-memory max may let some through")
+                   "sample enough initial population\"); rules and hybrid start from fewer valid schedules")
+
+
+def why_ended(ended: str | None, measured: int) -> str | None:
+    """Why a finished search measured fewer trials than asked, other than an exhausted space: the strategy's
+    reason (`ended`), else none was valid when nothing was measured."""
+    return ended or (None if measured else NO_VALID_SAMPLE)
 
 
 def task_summary(task: Task, trials: list[dict], budget: int, ended: str | None = None) -> dict:
     """`budget`: the trials asked for; a finished search that measured fewer exhausted the task's space, unless
     it `ended` for another reason (a replayed transcript with no more answers, or no valid sample at all)."""
-    ended = ended or (None if trials else NO_VALID_SAMPLE)
+    ended = why_ended(ended, len(trials))
     curve, best = [], None
     for r in trials:
         if r["latency_us"] is not None and (best is None or r["latency_us"] < best):

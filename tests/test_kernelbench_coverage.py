@@ -54,7 +54,7 @@ def test_a_factor_that_breaks_the_shapes_is_not_taken(tmp_path):
 def test_a_timeout_names_the_task_in_search():
     listed = "[  13 s] 3 task(s): conv3d_transpose, add, sum; searching\n"
     assert coverage.timed_out(listed, "tune", 420) == "timed out after 420 s searching task conv3d_transpose (1 of 3)"
-    done_first = listed + "[1/3 conv3d_transpose] ######################## 1/1 trials  best 8.1 ms  errors 0\n"
+    done_first = listed + "[1/3 conv3d_transpose] ######################## 1/1 trials  best 8,100.0 us  errors 0\n"
     assert coverage.timed_out(done_first, "tune", 420).endswith("searching task add (2 of 3)")
     assert coverage.timed_out(done_first, "validate", 60) == "timed out after 60 s validating and timing the module"
     compiled = (done_first + "[2/3 add] ######################## 1/1 trials  best 1,850,544.2 us  errors 0\n"
